@@ -1,0 +1,34 @@
+# The README's two set-up commands are `make demo` and `make test`; both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: the CPU wheel lies on disk, an unpinned torch pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/gptlab prepare
+	$(BIN)/gptlab train --out runs/demo
+	$(BIN)/gptlab generate --ckpt runs/demo --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --seed 1
+
+lint: install
+	$(BIN)/ruff check gptlab tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/tokenize.py
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

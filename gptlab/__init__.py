@@ -1,0 +1,17 @@
+"""gptlab: GPT-style language models end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.generate import LanguageModel
+from gptlab.model import GPT
+
+__all__ = ["GPT", "GPTConfig", "LanguageModel", "TrainConfig", "load"]
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, device: str = "cpu") -> LanguageModel:
+    """Load a gptlab checkpoint (run directory or file) or a Hugging Face GPT-2 directory."""
+    return LanguageModel.load(path, device)

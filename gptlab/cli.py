@@ -1,0 +1,175 @@
+"""The `gptlab` command line: one entry point, one sub-command per capability."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from gptlab.checkpoint import CheckpointError
+from gptlab.config import ConfigError, TrainConfig
+from gptlab.data import DataError
+from gptlab.tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, OSError)
+MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
+        self.exit(2, f"gptlab: error: {message}\n")
+
+
+def _fail(message: str) -> typing.NoReturn:
+    print(f"gptlab: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (so the YAML keys and the flags can never drift apart)."""
+    parser.add_argument("--config", help="YAML file of training settings (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if hints[field.name] is bool:
+            parser.add_argument(flag, action="store_true", default=None)
+            continue
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), help=f"default: {field.default}")
+            continue
+        base = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))  # X | None -> X
+        parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {field.default}")
+    for name, kind in MODEL_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help="model override")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    if model:
+        flags["model"] = model
+    return TrainConfig.from_sources(args.config, **flags)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from gptlab.data import prepare
+    from gptlab.train import DEFAULT_TOKENIZER
+
+    out = args.out or ("data/shakespeare" if not args.input else "data/custom")
+    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out)
+    print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gptlab.train import pretrain
+
+    cfg = _train_config(args)
+    if not cfg.resume and (Path(cfg.out) / "ckpt.pt").exists():
+        _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    try:
+        result = pretrain(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint in {cfg.out} is intact; continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    print(json.dumps({k: result[k] for k in ("step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint")}))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from gptlab.generate import LanguageModel
+
+    lm = LanguageModel.load(args.ckpt)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    if args.stream:
+        for piece in lm.stream(args.prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(args.prompt + lm.generate(args.prompt, **sampling)[0])
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from gptlab import checkpoint, hf
+
+    out = Path(args.out)
+    if args.from_hf:
+        if out.exists():
+            _fail(f"output {out} already exists")
+        model, tokenizer = hf.load_hf(args.from_hf)
+        checkpoint.save(out, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                              "tokenizer": tokenizer.to_dict(), "step": 0})
+    else:
+        model, tokenizer = checkpoint.load_model(args.to_hf)
+        hf.save_hf(model, tokenizer, out)
+    print(json.dumps({"out": str(out), "params": model.num_params()}))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from gptlab import tokenizer as tok
+    from gptlab.data import file_documents, list_text_files
+
+    files = list_text_files(args.input)
+    tokenizer = tok.train((d.text for d in file_documents(files)), args.vocab_size)
+    tokenizer.save(args.out)
+    print(json.dumps({"out": args.out, "vocab_size": tokenizer.vocab_size}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="gptlab", description="GPT-style language models end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
+    p.add_argument("--input", nargs="+", help="text files or directories (default: bundled Shakespeare)")
+    p.add_argument("--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)")
+    p.add_argument("--out", help="output directory (default: data/shakespeare)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model (defaults: tiny preset on Shakespeare)")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="HF_DIR")
+    source.add_argument("--to-hf", metavar="CKPT")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
+    t = tsub.add_parser("train", help="train a byte-level BPE on text files")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        _fail(str(err) or type(err).__name__)
+
+
+if __name__ == "__main__":
+    main()

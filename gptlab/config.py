@@ -1,0 +1,149 @@
+"""Typed, validated configuration: model presets and training hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range (reported to the user as one line)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a decoder-only Transformer (GPT-1 / GPT-2 family)."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    norm_position: Literal["pre", "post"] = "pre"  # pre-LN is GPT-2, post-LN is GPT-1
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+        _check(self.n_embd % self.n_head == 0,
+               f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.pos_encoding in ("learned", "sinusoidal"),
+               f"model.pos_encoding must be 'learned' or 'sinusoidal', got {self.pos_encoding!r}")
+        _check(self.norm_position in ("pre", "post"),
+               f"model.norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        _check(not unknown, f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized so `gptlab train` with no arguments finishes on a 2-core CPU in under 10 minutes.
+    "tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256),
+    "gpt1": dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm_position="post",
+                 dropout=0.1),
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (pretraining or fine-tuning)."""
+
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides on top of the preset
+    data: str = "data/shakespeare"
+    out: str = "runs/tiny"
+    init: str | None = None  # a gptlab checkpoint or Hugging Face GPT-2 directory to start from
+    max_steps: int = 1500
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int | None = None  # None: the full validation split
+    ckpt_interval: int = 250
+    seed: int = 1337
+    device: str = "auto"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "bf16-mixed"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "ckpt_interval"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and 0 < value <= 10**9, f"{name} must be a positive integer, got {value!r}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        _check(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        _check(0 <= self.weight_decay <= 10, f"weight_decay must be in [0, 10], got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        _check(self.eval_batches is None or self.eval_batches > 0,
+               f"eval_batches must be positive, got {self.eval_batches}")
+        _check(self.precision in ("fp32", "bf16-mixed", "fp16-mixed"),
+               f"precision must be fp32, bf16-mixed or fp16-mixed, got {self.precision!r}")
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        self.model_config()  # validates preset and overrides early
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig.from_preset(self.preset, **self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, **flags: Any) -> TrainConfig:
+        """Build from an optional YAML file, then flags (flags win; None means 'not given')."""
+        values: dict[str, Any] = {}
+        if yaml_path:
+            path = Path(yaml_path)
+            _check(path.is_file(), f"config file not found: {yaml_path}")
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
+            _check(isinstance(loaded, dict), f"config file {yaml_path} must hold a mapping")
+            values.update(loaded)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        _check(not unknown, f"unknown training config keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ConfigError(str(err)) from None

@@ -1,0 +1,47 @@
+"""Shared fixtures: a small prepared corpus and tiny model settings, so tests stay fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.data import prepare, shakespeare_documents
+
+TINY_MODEL = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A few Shakespeare plays as text files (a real corpus, small enough to tokenize in a second)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for doc in list(shakespeare_documents())[:6]:
+        (root / f"{doc.name}.txt").write_text(doc.text[:40_000])
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_dir) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare([str(corpus_dir)], "bpe:512", out)
+    return out
+
+
+def tiny_train_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(model={k: v for k, v in TINY_MODEL.items() if k != "vocab_size"}, data=str(data_dir),
+                    out=str(out), max_steps=20, batch_size=4, warmup_steps=5, eval_interval=10,
+                    ckpt_interval=10, eval_batches=4, precision="fp32", lr=3e-3, min_lr=3e-4)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def tiny_model_config(**overrides) -> GPTConfig:
+    return GPTConfig(**{**TINY_MODEL, **overrides})
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `gptlab` as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)

@@ -1,0 +1,87 @@
+"""The command line as a user drives it: real processes, real files, exit codes and messages."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _assert_user_error(result, needle):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("gptlab: error:") and needle in lines[0], lines[0]
+
+
+TINY_FLAGS = ["--block-size", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
+              "--eval-batches", "2", "--precision", "fp32", "--warmup-steps", "2"]
+
+
+def test_train_generate_convert_end_to_end(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "6", *TINY_FLAGS)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint"} and summary["step"] == 6
+    assert (run / "metrics.csv").is_file()
+
+    gen = ["generate", "--ckpt", str(run), "--prompt", "KING:", "--max-new-tokens", "10", "--seed", "1"]
+    first, second = run_cli(*gen), run_cli(*gen)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("KING:")
+
+    assert run_cli("convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")).returncode == 0
+    back = run_cli("convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt"))
+    assert back.returncode == 0, back.stderr
+    again = run_cli("generate", "--ckpt", str(tmp_path / "back.pt"), "--prompt", "KING:", "--max-new-tokens", "10",
+                    "--seed", "1")
+    assert again.stdout == first.stdout
+
+    # an existing run is never overwritten without --resume
+    _assert_user_error(run_cli("train", "--data", str(data_dir), "--out", str(run), *TINY_FLAGS), "--resume")
+    resumed = run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "8", "--resume",
+                      *TINY_FLAGS)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 8
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--preset", "gpt5"], "unknown preset"),
+    (["train", "--lr", "-1"], "lr must be"),
+    (["train", "--max-steps", "0"], "max_steps"),
+    (["train", "--config", "/no/such.yaml"], "config file not found"),
+    (["train", "--data", "/no/such/data"], "no prepared dataset"),
+    (["prepare", "--input", "/no/such/file.txt", "--out", "OUT"], "input not found"),
+    (["generate", "--ckpt", "/no/ckpt", "--prompt", "hi"], "checkpoint not found"),
+    (["convert", "--from-hf", "/no/hf", "--out", "x.pt"], "config.json"),
+    (["tokenizer", "train", "--input", "/nope", "--vocab-size", "300", "--out", "t"], "input not found"),
+    (["train", "--max-steps", "abc"], "invalid int value"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    args = [str(tmp_path / "OUT") if a == "OUT" else a for a in args]
+    _assert_user_error(run_cli(*args, cwd=tmp_path), needle)
+
+
+def test_empty_corpus_and_long_prompt(tmp_path, data_dir):
+    (tmp_path / "empty.txt").write_text("")
+    _assert_user_error(run_cli("prepare", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d"),
+                               "--tokenizer", "gpt2"), "document")
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "1", *TINY_FLAGS).returncode == 0
+    _assert_user_error(run_cli("generate", "--ckpt", str(run), "--prompt", "word " * 200), "context")
+
+
+def test_checkpoint_from_another_config_is_rejected(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "1", *TINY_FLAGS).returncode == 0
+    flags = [f if f != "32" else "48" for f in TINY_FLAGS]
+    _assert_user_error(run_cli("train", "--data", str(data_dir), "--out", str(run), "--resume", "--max-steps", "2",
+                               *flags), "does not fit")
+
+
+def test_tokenizer_train_cli(tmp_path, corpus_dir):
+    result = run_cli("tokenizer", "train", "--input", str(corpus_dir), "--vocab-size", "400", "--out",
+                     str(tmp_path / "tok"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["vocab_size"] == 400
+    assert (tmp_path / "tok" / "merges.txt").is_file()

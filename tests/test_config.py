@@ -1,0 +1,39 @@
+import pytest
+
+from gptlab.config import PRESETS, ConfigError, GPTConfig, TrainConfig
+
+
+def test_presets_build_and_match_gpt2_sizes():
+    assert set(PRESETS) >= {"tiny", "gpt1", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    xl = GPTConfig.from_preset("gpt2-xl")
+    assert (xl.n_layer, xl.n_head, xl.n_embd, xl.block_size) == (48, 25, 1600, 1024)
+    assert GPTConfig.from_preset("gpt1").norm_position == "post"
+
+
+@pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.5),
+                                 dict(pos_encoding="rotary"), dict(vocab_size=-1)])
+def test_invalid_model_config_is_rejected(bad):
+    with pytest.raises(ConfigError):
+        GPTConfig(**bad)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'gpt5'.*tiny"):
+        GPTConfig.from_preset("gpt5")
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(max_steps=0), dict(batch_size=-4), dict(min_lr=1.0),
+                                 dict(precision="fp8"), dict(preset="nope"), dict(model={"n_head": 5})])
+def test_invalid_train_config_is_rejected(bad):
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 7\nlr: 0.01\nmodel:\n  n_layer: 2\n")
+    cfg = TrainConfig.from_sources(str(path), lr=0.02, batch_size=None)
+    assert (cfg.max_steps, cfg.lr, cfg.model_config().n_layer) == (7, 0.02, 2)
+    path.write_text("max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="max_stepz"):
+        TrainConfig.from_sources(str(path))

@@ -1,0 +1,85 @@
+"""Parity with Hugging Face GPT-2 on a randomly initialised transformers model (no download)."""
+
+import json
+
+import pytest
+import torch
+
+from gptlab import checkpoint, hf
+from gptlab import tokenizer as tok
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+    model = GPT2LMHeadModel(config).eval()
+    out = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(out)
+    shutil.copy(tok.gpt2_files_dir() / "encoder.json", out / "vocab.json")
+    shutil.copy(tok.gpt2_files_dir() / "vocab.bpe", out / "merges.txt")
+    return out
+
+
+def _hf_logits(directory, tokens):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_from_hf_matches_transformers_logits(hf_dir):
+    model, tokenizer = hf.load_hf(hf_dir)
+    assert tokenizer.vocab_size == 50257
+    tokens = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.eval()(tokens)[0]
+    assert (ours - _hf_logits(hf_dir, tokens)).abs().max().item() <= 1e-4
+
+
+def test_round_trip_through_gptlab_checkpoint_and_back(hf_dir, tmp_path):
+    model, tokenizer = hf.load_hf(hf_dir)
+    ckpt = tmp_path / "model.pt"
+    checkpoint.save(ckpt, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                           "tokenizer": tokenizer.to_dict(), "step": 0})
+    reloaded, reloaded_tok = checkpoint.load_model(ckpt)
+    hf.save_hf(reloaded, reloaded_tok, tmp_path / "export")
+    tokens = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(2))
+    exported = _hf_logits(tmp_path / "export", tokens)
+    with torch.no_grad():
+        ours = reloaded.eval()(tokens)[0]
+    assert (ours - exported).abs().max().item() <= 1e-4
+    assert (exported - _hf_logits(hf_dir, tokens)).abs().max().item() <= 1e-4
+
+
+def test_export_of_a_gptlab_trained_model_loads_in_transformers(data_dir, tmp_path):
+    from transformers import GPT2TokenizerFast
+
+    from gptlab.train import pretrain
+    from tests.conftest import tiny_train_config
+
+    pretrain(tiny_train_config(data_dir, tmp_path / "run", max_steps=3), log=lambda _: None)
+    model, tokenizer = checkpoint.load_model(tmp_path / "run")
+    hf.save_hf(model, tokenizer, tmp_path / "export")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.eval()(tokens)[0]
+    assert (ours - _hf_logits(tmp_path / "export", tokens)).abs().max().item() <= 1e-4
+    hf_tok = GPT2TokenizerFast.from_pretrained(str(tmp_path / "export"))
+    text = "HAMLET:\nTo be, or not to be"
+    assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["n_layer"] == 2
+
+
+def test_export_refuses_to_overwrite(hf_dir, tmp_path):
+    model, tokenizer = hf.load_hf(hf_dir)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointError, match="not empty"):
+        hf.save_hf(model, tokenizer, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
