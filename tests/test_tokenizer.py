@@ -18,9 +18,12 @@ MIXED = [
 ]
 
 
+GPT2 = tok.load("gpt2")
+
+
 @pytest.fixture(scope="module")
 def gpt2():
-    return tok.load("gpt2")
+    return GPT2
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def test_known_gpt2_ids(gpt2):
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_round_trip_any_unicode(text):
-    gpt2 = tok.load("gpt2")
-    assert gpt2.decode(gpt2.encode(text)) == text
+    assert GPT2.decode(GPT2.encode(text)) == text
 
 
 @settings(max_examples=200, deadline=None)
