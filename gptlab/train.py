@@ -191,6 +191,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                     **progress, "data": {"micro_batches_per_step": accum * world.size, "world_size": world.size},
                     **task.extra_state,
                 })
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
         metrics = MetricsLog(out, step if cfg.resume else None, cfg.logger == "tensorboard") if world.is_main else None
         model.train()
@@ -232,8 +233,9 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     last = task.evaluate(distributed.unwrap(train_model))
                     row.update(last)
-                    bar.write(f"step {step}: train_loss {train_loss:.4f} "
-                              + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
+                    if world.is_main:
+                        bar.write(f"step {step}: train_loss {train_loss:.4f} "
+                                  + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
                 if metrics is not None:
                     metrics.write(row)
                 if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:

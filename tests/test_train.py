@@ -11,6 +11,16 @@ from gptlab.train import lr_at, pretrain
 from tests.conftest import tiny_train_config
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared, loaded CPU makes every extra OpenMP
+    thread wait for a time slice at each operation (seconds per step instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.csv") as handle:
         return [float(row["train_loss"]) for row in csv.DictReader(handle)]
