@@ -81,6 +81,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from gptlab import distributed
+    from gptlab.metrics import require_tensorboard
     from gptlab.train import pretrain
 
     cfg = _train_config(args)
@@ -88,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if args.nproc < 1:
         _fail(f"--nproc must be at least 1, got {args.nproc}")
+    if cfg.logger == "tensorboard":
+        require_tensorboard()  # before any process starts
     if args.nproc > 1 and distributed.local_rank() is None:  # not yet under torchrun: become its launcher
         raise SystemExit(distributed.launch(args.nproc, _without_nproc(args.argv)))
     try:

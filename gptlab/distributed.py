@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gptlab.checkpoint import CheckpointError
+from gptlab.config import ConfigError
 from gptlab.model import GPT, Block
 
 Strategy = Literal["ddp", "fsdp"]
@@ -59,6 +60,9 @@ def session(device: torch.device) -> Iterator[World]:
     created = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.type == "cuda":
+            if device.index >= torch.cuda.device_count():
+                raise ConfigError(f"process {os.environ.get('RANK')} needs {device} but this machine shows "
+                                  f"{torch.cuda.device_count()} GPU(s): use at most that many processes per node")
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True

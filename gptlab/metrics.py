@@ -4,6 +4,7 @@ and `gptlab plot` (loss, learning rate and throughput curves as loss.png)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -37,11 +38,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
         self.tensorboard = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise MetricsError("--logger tensorboard needs the tensorboard package "
-                                   "(pip install 'gptlab[tensorboard]')") from None
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -56,6 +55,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def require_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise MetricsError("--logger tensorboard needs the tensorboard package (pip install 'gptlab[tensorboard]')")
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

@@ -193,19 +193,24 @@ def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
     # the weight gradient sums over all chunks: accumulate in fp32 even when the matmuls run in bf16
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else None
+    # two (chunk, vocab) buffers serve every chunk: fresh multi-MB allocations would page-fault each time
+    rows_per_chunk = min(chunk_size, hidden.size(0))
+    logits_buffer = hidden.new_empty(rows_per_chunk, weight.size(0))
+    log_probs_buffer = hidden.new_empty(rows_per_chunk, weight.size(0), dtype=torch.float32)
     for start in range(0, hidden.size(0), chunk_size):
         rows = slice(start, start + chunk_size)
         h, t, v = hidden[rows], safe_targets[rows], valid[rows]
-        log_probs = torch.log_softmax((h @ weight.t()).float(), dim=1)
-        picked = log_probs.gather(1, t[:, None]).squeeze(1)
-        loss -= picked.masked_fill(~v, 0.0).sum()
+        logits = torch.mm(h, weight.t(), out=logits_buffer[: len(h)])
+        log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32, out=log_probs_buffer[: len(h)])
+        loss -= log_probs.gather(1, t[:, None]).squeeze(1).masked_fill(~v, 0.0).sum()
         if grad_hidden is None and grad_weight is None:
             continue
         # d(loss)/d(logits) = (softmax - one_hot(target)) / n_valid on counted rows, 0 on ignored ones;
         # the row factor is applied to the small (rows, C) operands instead of the (rows, V) matrix
         grad_logits = log_probs.exp_()
         grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-        grad_logits = grad_logits.to(hidden.dtype)
+        if grad_logits.dtype != hidden.dtype:  # bf16 matmuls: reuse the logits buffer
+            grad_logits = logits.copy_(grad_logits)
         row_factor = (v * scale).to(hidden.dtype)[:, None]
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[rows])

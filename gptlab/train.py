@@ -196,6 +196,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
         metrics = MetricsLog(out, step if cfg.resume else None, cfg.logger == "tensorboard") if world.is_main else None
         model.train()
         train_loss, last, run_tokens, run_time = math.nan, {}, 0, 0.0
+        run_start, elapsed_before = time.perf_counter(), progress["elapsed_s"]
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not world.is_main)
         try:
@@ -224,7 +225,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 seconds = time.perf_counter() - started
                 run_tokens, run_time = run_tokens + int(tokens), run_time + seconds
                 progress = {"step": step, "tokens": progress["tokens"] + int(tokens),
-                            "elapsed_s": progress["elapsed_s"] + seconds}
+                            "elapsed_s": elapsed_before + time.perf_counter() - run_start}  # wall clock
                 tokens_per_s = tokens / seconds
                 row = {"step": step, "tokens": progress["tokens"], "train_loss": train_loss, "lr": lr,
                        "grad_norm": distributed.full_norm(grad_norm), "tokens_per_s": tokens_per_s,
