@@ -95,6 +95,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + lm.generate(args.prompt, **sampling)[0])
 
 
+def _load_for_serving(args: argparse.Namespace):
+    from gptlab.generate import LanguageModel
+    from gptlab.train import select_device
+
+    return LanguageModel.load(args.ckpt, device=str(select_device(args.device)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from gptlab.serve import ServeConfig, serve
+    except ImportError as err:
+        _fail(f"serving needs the serve extra ({err.name} is missing): pip install 'gptlab[serve]'")
+    path = Path(args.ckpt).resolve()
+    name = args.model_name or (path.parent.name if path.is_file() else path.name)
+    cfg = ServeConfig(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                      max_queue=args.max_queue)
+    serve(_load_for_serving(args), cfg, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gptlab import chat
+
+    chat.main(_load_for_serving(args), system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from gptlab import checkpoint, hf
 
@@ -145,6 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
