@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptlab.generate import LanguageModel, SamplingConfig, _split_utf8, filter_logits
+from gptlab.generate import LanguageModel, SamplingConfig, _TextReleaser, filter_logits
 from gptlab.model import GPT
 from gptlab.tokenizer import load
 from tests.conftest import tiny_model_config
@@ -62,5 +62,6 @@ def test_prompt_longer_than_context_raises(lm):
 
 def test_utf8_split_holds_back_partial_characters():
     data = "好".encode()
-    assert _split_utf8(data[:2]) == ("", data[:2])
-    assert _split_utf8(b"ab" + data) == ("ab好", b"")
+    releaser = _TextReleaser([])
+    assert releaser.push(b"ab" + data[:2]) == ("ab", False)
+    assert releaser.push(data[2:]) == ("好", False)
