@@ -39,8 +39,7 @@ class ChatSession:
     def __init__(self, lm: LanguageModel, system: str | None = None, **sampling) -> None:
         self.lm = lm
         self.system = system
-        self.sampling = {"max_new_tokens": 256, **sampling, "stop": [END_OF_TURN],
-                         "stop_token_ids": [lm.tokenizer.eot_id]}
+        self.sampling = {"max_new_tokens": 256, **sampling, "stop": [END_OF_TURN]}
         SamplingConfig(**self.sampling)  # bad settings fail now, not at the first message
         self.turns: list[dict[str, str]] = []
 
@@ -51,14 +50,16 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.turns
 
-    def _prompt(self) -> str:
-        """The prompt for the next reply, dropping the oldest turns while it leaves too little room to answer."""
+    def _prompt(self) -> tuple[str, int]:
+        """The prompt for the next reply and the tokens left to answer in, dropping the oldest turns while
+        fewer than min(max_new_tokens, half the context) are left."""
         block = self.lm.model.config.block_size
-        budget = block - min(self.sampling["max_new_tokens"], block // 2)
+        wanted = self.sampling["max_new_tokens"]
         while True:
             prompt = chat_prompt(self.messages())
-            if len(self.lm.tokenizer.encode(prompt)) <= budget:
-                return prompt
+            room = block - len(self.lm.tokenizer.encode(prompt))
+            if room >= min(wanted, block // 2):
+                return prompt, min(wanted, room)
             if len(self.turns) <= 1:
                 self.turns = []
                 raise ValueError(f"the message does not fit the model's context of {block} tokens")
@@ -67,10 +68,10 @@ class ChatSession:
     def reply(self, text: str, write: Callable[[str], None]) -> str:
         """Add the user's message, stream the model's answer through `write` and keep it in the history."""
         self.turns.append({"role": "user", "content": text})
-        prompt = self._prompt()
+        prompt, max_new_tokens = self._prompt()
         pieces: list[str] = []
         try:
-            for piece in self.lm.stream(prompt, **self.sampling):
+            for piece in self.lm.stream(prompt, **{**self.sampling, "max_new_tokens": max_new_tokens}):
                 pieces.append(piece)
                 write(piece)
         finally:  # an interrupted answer stays in the history as far as it got

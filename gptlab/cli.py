@@ -104,14 +104,15 @@ def _load_for_serving(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
-        from gptlab.serve import ServeConfig, serve
+        from gptlab.serve import ServeConfig, listen, serve
     except ImportError as err:
         _fail(f"serving needs the serve extra ({err.name} is missing): pip install 'gptlab[serve]'")
     path = Path(args.ckpt).resolve()
     name = args.model_name or (path.parent.name if path.is_file() else path.name)
     cfg = ServeConfig(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue)
-    serve(_load_for_serving(args), cfg, host=args.host, port=args.port, log_level=args.log_level)
+    sock = listen(args.host, args.port)  # before loading the model: a busy port fails fast
+    serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

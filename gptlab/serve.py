@@ -120,6 +120,7 @@ class SamplingParams(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = False  # extension (as in vLLM): keep going past <|endoftext|> (benchmarks)
 
 
 class CompletionRequest(SamplingParams):
@@ -466,7 +467,7 @@ class Server:
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 stop=stop + extra_stop,
-                stop_token_ids=[self.tokenizer.eot_id],
+                ignore_eos=bool(req.ignore_eos),
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,
             ) for i in range(req.n or 1)]
@@ -700,11 +701,8 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     return app
 
 
-def serve(lm: LanguageModel, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Bind first (so a busy port is a clean error), announce the URL as one JSON line, then serve until killed."""
-    import uvicorn
-
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0 picks a free one); a busy port is a clean OSError before any model loads."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -713,9 +711,16 @@ def serve(lm: LanguageModel, cfg: ServeConfig, host: str = "127.0.0.1", port: in
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    return sock
+
+
+def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
+    """Announce the URL as one JSON line on stdout, then serve until interrupted."""
+    import uvicorn
+
     app = create_app(lm, cfg)
-    bound = sock.getsockname()[1]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(json.dumps({"url": url, "model": cfg.model_name, "max_batch_size": cfg.max_batch_size}), flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])

@@ -45,3 +45,65 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run `gptlab` as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+# --- serving: a tiny GPT-2-tokenizer checkpoint and a real `gptlab serve` process ---------------------------
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory) -> Path:
+    """A random-init model with GPT-2's tokenizer (so text is real) and a 1024-token context. Its embedding is
+    scaled up so logits are far apart: greedy output then cannot flip on float-rounding differences between
+    batched and unbatched decoding."""
+    import torch
+
+    from gptlab import checkpoint
+    from gptlab.model import GPT
+    from gptlab.tokenizer import load
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=50257, block_size=1024))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10)
+    path = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
+    checkpoint.save(path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                       "tokenizer": load("gpt2").to_dict(), "step": 0})
+    return path
+
+
+class ServerProcess:
+    """`gptlab serve --port 0` in its own process; the URL is read from the JSON line it prints."""
+
+    def __init__(self, ckpt: Path, log: Path, *flags: str) -> None:
+        import json
+        import select
+
+        self.log = log
+        with open(log, "w") as stderr:  # a file, not a pipe: nobody reads it while the server runs
+            self.proc = subprocess.Popen([sys.executable, "-m", "gptlab", "serve", "--ckpt", str(ckpt), "--port",
+                                          "0", "--log-level", "warning", *flags],
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"gptlab serve did not start: {log.read_text()}")
+        self.url = json.loads(line)["url"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(chat_ckpt, tmp_path_factory):
+    """The shared server: batches of up to 8, an API key."""
+    proc = ServerProcess(chat_ckpt, tmp_path_factory.mktemp("server") / "serve.log", "--max-batch-size", "8",
+                         "--api-key", API_KEY)
+    yield proc
+    proc.stop()
