@@ -96,9 +96,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _load_for_serving(args: argparse.Namespace):
+    import torch
+
     from gptlab.generate import LanguageModel
     from gptlab.train import select_device
 
+    if args.threads is not None:
+        if args.threads < 1:
+            _fail(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     return LanguageModel.load(args.ckpt, device=str(select_device(args.device)))
 
 
@@ -111,8 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.model_name or (path.parent.name if path.is_file() else path.name)
     cfg = ServeConfig(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue)
-    sock = listen(args.host, args.port)  # before loading the model: a busy port fails fast
-    serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
+    with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
+        serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -182,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")

@@ -14,7 +14,10 @@ import contextlib
 import hmac
 import json
 import logging
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -704,10 +708,12 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket (port 0 picks a free one); a busy port is a clean OSError before any model loads."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto must be IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on such sockets, and without it
+        # every small response waits ~40 ms for a delayed ACK (Nagle's algorithm)
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
@@ -724,3 +730,36 @@ def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: s
     print(json.dumps({"url": url, "model": cfg.model_name, "max_batch_size": cfg.max_batch_size}), flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+class ServerProcess:
+    """`gptlab serve --port 0` in a child process (for tests, benchmarks, notebooks); `url` is where it listens.
+    Its log goes to a file, not a pipe, so a chatty server can never block on a full pipe."""
+
+    def __init__(self, ckpt: str | Path, log: str | Path, *flags: str, start_timeout: float = 300) -> None:
+        self.log = Path(log)
+        with open(self.log, "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gptlab", "serve", "--ckpt", str(ckpt), "--port", "0",
+                                          "--log-level", "warning", *flags],
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], start_timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"gptlab serve did not start: {self.log.read_text()}")
+        self.url: str = json.loads(line)["url"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

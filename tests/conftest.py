@@ -72,38 +72,13 @@ def chat_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-class ServerProcess:
-    """`gptlab serve --port 0` in its own process; the URL is read from the JSON line it prints."""
-
-    def __init__(self, ckpt: Path, log: Path, *flags: str) -> None:
-        import json
-        import select
-
-        self.log = log
-        with open(log, "w") as stderr:  # a file, not a pipe: nobody reads it while the server runs
-            self.proc = subprocess.Popen([sys.executable, "-m", "gptlab", "serve", "--ckpt", str(ckpt), "--port",
-                                          "0", "--log-level", "warning", *flags],
-                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError(f"gptlab serve did not start: {log.read_text()}")
-        self.url = json.loads(line)["url"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def server(chat_ckpt, tmp_path_factory):
-    """The shared server: batches of up to 8, an API key."""
+    """The shared server: batches of up to 8, an API key, one torch thread (a model this small gains nothing
+    from more, and on a busy 2-core machine spin-waiting intra-op threads make every step many times slower)."""
+    from gptlab.serve import ServerProcess
+
     proc = ServerProcess(chat_ckpt, tmp_path_factory.mktemp("server") / "serve.log", "--max-batch-size", "8",
-                         "--api-key", API_KEY)
+                         "--api-key", API_KEY, "--threads", "1")
     yield proc
     proc.stop()

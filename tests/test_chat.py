@@ -33,7 +33,7 @@ def test_chat_repl_streams_keeps_history_and_uses_the_servers_template(chat_ckpt
         return out.choices[0].message.content
 
     child = pexpect.spawn(sys.executable, ["-m", "gptlab", "chat", "--ckpt", str(chat_ckpt), "--temperature", "1",
-                                           "--seed", "3", "--max-new-tokens", "12"], encoding="utf-8", timeout=90)
+                                           "--seed", "3", "--max-new-tokens", "12", "--threads", "1"], encoding="utf-8", timeout=90)
     try:
         child.expect_exact("/reset clears the history")
         child.expect_exact("> ")

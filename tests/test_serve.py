@@ -6,18 +6,28 @@ import asyncio
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
 import torch
 
+from gptlab import cli
 from gptlab.chat import END_OF_TURN, chat_prompt
 from gptlab.generate import LanguageModel
-from tests.conftest import API_KEY, ServerProcess, run_cli
+from gptlab.serve import ServerProcess
+from tests.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process references run on one torch thread, like the server (see the `server` fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +188,8 @@ def test_errors_have_openai_shape_and_status(server, client):
 
 def test_backpressure_and_disconnect_free_the_slot(chat_ckpt, tmp_path):
     """One slot, a waiting line of one: a third request gets 429; a client that goes away frees its slot."""
-    proc = ServerProcess(chat_ckpt, tmp_path / "serve.log", "--max-batch-size", "1", "--max-queue", "1")
+    proc = ServerProcess(chat_ckpt, tmp_path / "serve.log", "--max-batch-size", "1", "--max-queue", "1",
+                         "--threads", "1")
     try:
         health = lambda: requests.get(proc.url + "/health", timeout=10).json()  # noqa: E731
         long = {"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}
@@ -218,7 +229,7 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     """32 concurrent clients x 4 requests (completions/chat, streaming or not): every answer is exactly the
     in-process text (greedy, or seeded sampling), requests share batches, and /health answers throughout."""
     prompts = ["The king", "A ship", "In the morning", "She said", "Numbers:", "Once", "Why", "Rain"]
-    jobs = [(c, r, prompts[(c + r) % len(prompts)], 4 + (c % 4) * 2) for c in range(32) for r in range(4)]
+    jobs = [(c, r, prompts[(c + r) % len(prompts)], 4 + (c % 2) * 4) for c in range(32) for r in range(4)]
     expected = {}  # (0 completion | 1 chat, prompt, max_tokens) -> the text generated in-process
     for max_tokens in {j[3] for j in jobs}:
         texts = lm.generate(prompts, max_new_tokens=max_tokens, temperature=0)
@@ -329,10 +340,22 @@ metric_list:
     assert 0 < api_acc < 1  # a real spread of right and wrong answers, not a degenerate score
 
 
-def test_cli_errors_are_one_line(chat_ckpt, tmp_path, server):
+def test_cli_errors_are_one_line(chat_ckpt, tmp_path, server, capsys):
     port = server.url.rsplit(":", 1)[1]
-    with ThreadPoolExecutor(2) as pool:  # two slow process starts, side by side
-        missing = pool.submit(run_cli, "serve", "--ckpt", str(tmp_path / "missing"))
-        busy = pool.submit(run_cli, "serve", "--ckpt", str(chat_ckpt), "--port", port)
-    for result, message in [(missing.result(), "checkpoint not found"), (busy.result(), "cannot listen")]:
-        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+    for args, message in [(["--ckpt", str(chat_ckpt), "--port", port], "cannot listen"),
+                          (["--ckpt", str(tmp_path / "missing")], "checkpoint not found"),
+                          (["--ckpt", str(chat_ckpt), "--max-batch-size", "0"], "max batch size")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["serve", "--port", "0", *args])
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_listening_socket_gets_tcp_nodelay_connections():
+    """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it small responses wait for delayed ACKs."""
+    import socket
+
+    from gptlab.serve import listen
+
+    with listen("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[1] > 0
