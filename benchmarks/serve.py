@@ -6,7 +6,7 @@ Each time N concurrent clients stream one completion of T tokens each (ignore_eo
 exactly T tokens). Reported: aggregate generated tokens/s, time to first token (p50/p95), and the ratio;
 the last line is one JSON object.
 
-    python benchmarks/serve.py [--clients 16] [--tokens 64]
+    python benchmarks/serve.py [--clients 16] [--tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="the servers' torch threads (default: torch's choice)")
     args = parser.parse_args()
+    threads = ["--threads", str(args.threads)] if args.threads else []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp))
         runs = {}
         for name, batch in [("batched", args.clients), ("unbatched", 1)]:
-            with ServerProcess(ckpt, Path(tmp) / f"{name}.log", "--max-batch-size", str(batch)) as server:
+            with ServerProcess(ckpt, Path(tmp) / f"{name}.log", "--max-batch-size", str(batch), *threads) as server:
                 runs[name] = asyncio.run(load(server.url, args.clients, args.tokens))
             print(json.dumps({"bench": "serve", "mode": name, "max_batch_size": batch, "clients": args.clients,
                               "tokens": args.tokens, **{k: round(v, 3) for k, v in runs[name].items()}}), flush=True)

@@ -216,6 +216,9 @@ class Engine:
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue all sequences of one request, or none of them (QueueFull) when the line is too long."""
+        if len(sequences) > self.max_queue:  # could never fit: retrying would not help
+            raise APIError(400, f"the request asks for {len(sequences)} sequences (prompts x n); this server "
+                           f"queues at most {self.max_queue}", param="n")
         with self._cond:
             waiting = len(self._waiting) + len(self._jobs)
             if waiting + len(sequences) > self.max_queue:

@@ -207,6 +207,9 @@ def test_backpressure_and_disconnect_free_the_slot(chat_ckpt, tmp_path):
         busy = requests.post(proc.url + "/v1/completions", json={"prompt": "Hey", "max_tokens": 3}, timeout=10)
         assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
         assert busy.headers["retry-after"] == "1"
+        too_big = requests.post(proc.url + "/v1/completions", json={"prompt": "Hey", "max_tokens": 3, "n": 2},
+                                timeout=10)
+        assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "n"  # could never fit
 
         streaming.close()  # the client goes away mid-stream
         waiter.join(timeout=30)
