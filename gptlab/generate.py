@@ -24,6 +24,7 @@ import torch
 
 from gptlab import checkpoint
 from gptlab.model import GPT, KVCache
+from gptlab.quantize import quantize_int8
 from gptlab.tokenizer import Tokenizer
 
 
@@ -432,8 +433,18 @@ class LanguageModel:
         self.max_batch = max_batch
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> LanguageModel:
+    def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
+        """A checkpoint (or HF GPT-2 directory) ready to generate; quantize="int8" for int8 weights (CPU)."""
+        from gptlab.train import select_device
+
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         model, tokenizer = checkpoint.load_model(path)
+        device = select_device(device)
+        if quantize == "int8":
+            if device.type != "cpu":
+                raise ValueError("--quantize int8 runs on CPU only")
+            quantize_int8(model)
         return cls(model, tokenizer, device)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
