@@ -107,13 +107,12 @@ def _load_for_serving(args: argparse.Namespace):
     import torch
 
     from gptlab.generate import LanguageModel
-    from gptlab.train import select_device
 
     if args.threads is not None:
         if args.threads < 1:
             _fail(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return LanguageModel.load(args.ckpt, device=str(select_device(args.device)))
+    return LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -209,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
