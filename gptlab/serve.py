@@ -301,12 +301,14 @@ class Engine:
             self._running.clear()
             return
         self.stats.steps += 1
+        deliveries = [(self._running[slot], event) for slot, event in events.items()]
         for slot, event in events.items():
-            self._running[slot].deliver(event)
             if event.finish_reason is not None:
                 del self._running[slot]
                 self.stats.finished += 1
-        self.stats.active = len(self._running)
+        self.stats.active = len(self._running)  # up to date before any client hears it is done
+        for seq, event in deliveries:
+            seq.deliver(event)
 
 
 class Run:
