@@ -425,6 +425,7 @@ class Server:
         self.lm, self.cfg = lm, cfg
         self.tokenizer = lm.tokenizer
         self.block_size = lm.model.config.block_size
+        self.max_token_bytes = int(self.tokenizer.token_bytes.max())
         self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device),
                              cfg.max_queue)
 
@@ -440,21 +441,29 @@ class Server:
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompts = [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
         for ids in prompts:
             if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
         return [ids or [self.tokenizer.eot_id] for ids in prompts]
 
+    def encode(self, text: str) -> list[int]:
+        # a token holds at most max_token_bytes bytes (>= 1 char each), so a longer text can never fit: refuse
+        # it before spending the event loop's time on tokenizing it
+        if len(text) > self.block_size * self.max_token_bytes:
+            raise APIError(400, f"the prompt is far longer than this model's maximum context length of "
+                           f"{self.block_size} tokens", code="context_length_exceeded", param="prompt")
+        return self.tokenizer.encode(text)
+
     def budget(self, prompts: list[list[int]], max_tokens: int | None) -> int:
         """Tokens to generate per choice: max_tokens, or what the context has left when it is not given."""
         longest = max(len(ids) for ids in prompts)
-        wanted = self.block_size - longest if max_tokens is None else max_tokens
-        if longest + max(wanted, 1) > self.block_size:
+        wanted = max(self.block_size - longest, 1) if max_tokens is None else max_tokens
+        if longest + wanted > self.block_size:
             raise APIError(400, f"this model's maximum context length is {self.block_size} tokens, but "
                            f"{longest + wanted} were requested ({longest} in the prompt, {wanted} for the "
                            "completion); shorten the prompt or max_tokens", code="context_length_exceeded",
-                           param="max_tokens" if max_tokens else "prompt")
+                           param="prompt" if max_tokens is None else "max_tokens")
         return wanted
 
     def configs(self, req: SamplingParams, max_new_tokens: int, logprobs: int | None,
@@ -529,13 +538,12 @@ class Server:
         choices = [Choice() for _ in range(len(prompts) * n)]
         created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
 
-        def logprobs_of(i: int, start: int) -> dict | None:
-            """Logprobs of choice i's tokens from `start` on (offsets count from the prompt's start)."""
+        def logprobs_of(i: int, start: int, offset: int) -> dict | None:
+            """Logprobs of choice i's tokens from `start` on, the first at text offset `offset`."""
             if req.logprobs is None:
                 return None
             c = choices[i]
-            before = len(prompt_texts[i // n]) + sum(len(self.tokenizer.decode([t])) for t in c.token_ids[:start])
-            return self.completion_logprobs(c.token_ids[start:], c.logprobs[start:], c.top_logprobs[start:], before)
+            return self.completion_logprobs(c.token_ids[start:], c.logprobs[start:], c.top_logprobs[start:], offset)
 
         def body(choice_list: list[dict]) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": self.cfg.model_name,
@@ -551,12 +559,14 @@ class Server:
                         yield _sse(body([{"index": i, "text": prompt_texts[i // n], "logprobs": echoes[i // n],
                                           "finish_reason": None if run else "length"}]))
                 sent = [0] * len(choices)  # tokens already sent, per choice
+                offsets = [len(prompt_texts[i // n]) for i in range(len(choices))]  # text offset of the next one
                 if run:
                     async for i, event in run.events():
                         choices[i].add(event)
                         if event.text or event.finish_reason:  # withheld text (a possible stop string) waits
-                            lp = logprobs_of(i, sent[i])
+                            lp = logprobs_of(i, sent[i], offsets[i])
                             sent[i] = len(choices[i].token_ids)
+                            offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
                             yield _sse(body([{"index": i, "text": event.text, "logprobs": lp,
                                               "finish_reason": event.finish_reason}]))
                 if req.stream_options and req.stream_options.include_usage:
@@ -569,7 +579,7 @@ class Server:
                 choices[i].add(event)
         out = []
         for i, c in enumerate(choices):
-            lp, echo = logprobs_of(i, 0), echoes[i // n]
+            lp, echo = logprobs_of(i, 0, len(prompt_texts[i // n])), echoes[i // n]
             out.append({"index": i, "text": (prompt_texts[i // n] if req.echo else "") + c.text,
                         "logprobs": {k: echo[k] + lp[k] for k in lp} if lp and echo else lp,
                         "finish_reason": c.finish_reason or "length"})
@@ -583,7 +593,7 @@ class Server:
             prompt = chat_prompt([m.as_dict() for m in req.messages])
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        prompts = [self.tokenizer.encode(prompt)]
+        prompts = [self.encode(prompt)]
         max_new_tokens = self.budget(prompts, req.max_completion_tokens or req.max_tokens)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         configs = self.configs(req, max_new_tokens, top_n, [END_OF_TURN])

@@ -134,6 +134,12 @@ def test_logprobs(client, lm):
     assert "".join(lp.tokens) == out.choices[0].text and len(lp.token_logprobs) == 4
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and max(top.values()) == logprob and top[token] == logprob  # greedy: the top pick
+    assert lp.text_offset[0] == len("Hello")
+    chunks = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, temperature=0, logprobs=3,
+                                       stream=True)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    for field in ("tokens", "token_logprobs", "text_offset"):
+        assert sum((getattr(s, field) for s in streamed), []) == getattr(lp, field)
 
     chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
@@ -156,6 +162,9 @@ def test_echo_returns_the_prompts_own_logprobs(client, lm):
     assert out.choices[0].text.startswith("The quick brown fox jumps") and len(lp.tokens) == len(ids) + 1
     only_prompt = client.completions.create(model="tiny-chat", prompt=ids, max_tokens=0, echo=True, logprobs=0)
     assert only_prompt.choices[0].text == "The quick brown fox jumps" and only_prompt.usage.completion_tokens == 0
+    full_context = client.completions.create(model="tiny-chat", prompt=(ids * 300)[:1024], max_tokens=0, echo=True,
+                                             logprobs=0)  # scoring may use the whole context
+    assert len(full_context.choices[0].logprobs.token_logprobs) == 1024
 
 
 def test_errors_have_openai_shape_and_status(server, client):
@@ -168,6 +177,8 @@ def test_errors_have_openai_shape_and_status(server, client):
     with pytest.raises(openai.BadRequestError, match="maximum context length") as err:
         client.completions.create(model="tiny-chat", prompt="word " * 1000, max_tokens=100)
     assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="far longer") as err:  # refused without tokenizing it
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "x" * 200_000}])
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     assert err.value.code == "model_not_found"
