@@ -7,9 +7,13 @@ import sys
 import openai
 import pexpect
 import pytest
+import torch
 
-from gptlab.chat import chat_prompt
-from tests.conftest import API_KEY
+from gptlab.chat import ChatSession, chat_prompt
+from gptlab.generate import LanguageModel
+from gptlab.model import GPT
+from gptlab.tokenizer import load
+from tests.conftest import API_KEY, tiny_model_config
 
 
 def test_chat_template():
@@ -21,6 +25,23 @@ def test_chat_template():
         chat_prompt([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="at least one"):
         chat_prompt([])
+
+
+def test_chat_session_drops_the_oldest_turns_to_fit_the_context():
+    torch.manual_seed(0)
+    lm = LanguageModel(GPT(tiny_model_config(vocab_size=50257, block_size=64)), load("gpt2"))
+    session = ChatSession(lm, system="Be brief.", max_new_tokens=8, temperature=0)
+    pieces: list[str] = []
+    replies = []
+    for i in range(6):
+        replies.append(session.reply(f"message number {i} with a few more words in it", pieces.append))
+        prompt_tokens = len(lm.tokenizer.encode(chat_prompt(session.messages()[:-1])))
+        assert prompt_tokens + 8 <= 64 and session.messages()[-1] == {"role": "assistant", "content": replies[-1]}
+    assert "".join(pieces) == "".join(replies)  # what was streamed is what was kept
+    assert session.messages()[0]["role"] == "system" and "number 0" not in chat_prompt(session.messages())
+    with pytest.raises(ValueError, match="does not fit"):
+        session.reply("word " * 100, pieces.append)
+    assert session.turns == []
 
 
 def test_chat_repl_streams_keeps_history_and_uses_the_servers_template(chat_ckpt, server):
