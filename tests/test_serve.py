@@ -241,7 +241,8 @@ def test_backpressure_and_disconnect_free_the_slot(chat_ckpt, tmp_path):
 
 def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     """32 concurrent clients x 4 requests (completions/chat, streaming or not): every answer is exactly the
-    in-process text (greedy, or seeded sampling), requests share batches, and /health answers throughout."""
+    in-process text (greedy, or seeded sampling), requests share batches, /health answers throughout, and
+    bad requests sent meanwhile fail on their own."""
     prompts = ["The king", "A ship", "In the morning", "She said", "Numbers:", "Once", "Why", "Rain"]
     jobs = [(c, r, prompts[(c + r) % len(prompts)], 4 + (c % 2) * 4) for c in range(32) for r in range(4)]
     expected = {}  # (0 completion | 1 chat, prompt, max_tokens) -> the text generated in-process
@@ -254,14 +255,22 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
 
     health_latency: list[float] = []
     peak = [0]
+    bad_statuses: list[bool] = []
     done = threading.Event()
+    bad_requests = [('{"prompt": "x", "max_tokens": ', 422), ('{"prompt": "x", "temperature": 5}', 400),
+                    ('{"prompt": "' + "word " * 1100 + '"}', 400), ('{"prompt": [99999999]}', 400)]
 
-    def poll_health() -> None:
+    def poll_health_and_send_bad_requests() -> None:
+        """Meanwhile: /health must answer fast, and bad requests must fail alone (the answers stay exact)."""
         while not done.is_set():
             start = time.monotonic()
             stats = requests.get(server.url + "/health", timeout=10).json()
             health_latency.append(time.monotonic() - start)
             peak[0] = max(peak[0], stats["active"])
+            body, status = bad_requests[len(health_latency) % len(bad_requests)]
+            response = requests.post(server.url + "/v1/completions", data=body, timeout=10,
+                                     headers={**AUTH, "Content-Type": "application/json"})
+            bad_statuses.append(response.status_code == status)
             time.sleep(0.05)
 
     async def one_client(aclient: openai.AsyncOpenAI, c: int) -> list[tuple]:
@@ -286,7 +295,7 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
         results = await asyncio.gather(*(one_client(aclient, c) for c in range(32)))
         return [answer for answers in results for answer in answers]
 
-    poller = threading.Thread(target=poll_health)
+    poller = threading.Thread(target=poll_health_and_send_bad_requests)
     poller.start()
     try:
         answers = asyncio.run(all_clients())
@@ -298,6 +307,7 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     assert not wrong, wrong[:3]
     assert peak[0] > 1, "requests were decoded one at a time"
     assert len(health_latency) >= 3 and max(health_latency) < 2.0
+    assert all(bad_statuses)
 
 
 def test_lm_eval_local_completions_matches_in_process(server, chat_ckpt, tmp_path, monkeypatch):
