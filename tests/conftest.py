@@ -72,6 +72,17 @@ def chat_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models in-process on one torch thread, like the server below."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def server(chat_ckpt, tmp_path_factory):
     """The shared server: batches of up to 8, an API key, one torch thread (a model this small gains nothing

@@ -27,6 +27,7 @@ def test_chat_template():
         chat_prompt([])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_chat_session_drops_the_oldest_turns_to_fit_the_context():
     torch.manual_seed(0)
     lm = LanguageModel(GPT(tiny_model_config(vocab_size=50257, block_size=64)), load("gpt2"))

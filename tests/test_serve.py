@@ -19,15 +19,7 @@ from gptlab.serve import ServerProcess
 from tests.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process references run on one torch thread, like the server (see the `server` fixture)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
