@@ -4,8 +4,8 @@ clipping, mixed precision, periodic evaluation, metrics.csv, atomic checkpoints 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import math
 import time
 from collections.abc import Callable
