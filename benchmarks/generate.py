@@ -17,6 +17,7 @@ perplexity change of a trained gptlab checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -28,7 +29,7 @@ from gptlab import checkpoint, hf
 from gptlab.data import is_shakespeare_val, shakespeare_documents
 from gptlab.generate import LanguageModel, SamplingConfig
 from gptlab.model import GPT
-from gptlab.quantize import quantize_int8
+from gptlab.quantize import Int8Linear, quantize_int8
 from gptlab.tokenizer import Tokenizer
 from gptlab.tokenizer import load as load_tokenizer
 
@@ -49,13 +50,15 @@ def read_bandwidth() -> float:
 def decode_bytes(model: GPT) -> int:
     """Bytes of parameters a decode step reads: every matrix and norm once (the tied head reads the
     token embedding; embedding lookups read single rows, so the tables do not count otherwise)."""
-    tensors = {}
+    tensors, total = {}, 0
     for name, module in model.named_modules():
         if name.endswith(("wte", "wpe")):
             continue
+        if isinstance(module, Int8Linear):  # int8 weights, float32 bias and scales
+            total += module.in_features * module.out_features + 8 * module.out_features
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             tensors[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(tensors.values())
+    return total + sum(tensors.values())
 
 
 def kv_bytes_per_step(model: GPT, lengths: list[int], new_tokens: int) -> float:
@@ -64,14 +67,18 @@ def kv_bytes_per_step(model: GPT, lengths: list[int], new_tokens: int) -> float:
     return 2 * cfg.n_layer * cfg.n_embd * 4 * mean_len * len(lengths)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_pair(ours, peer, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of each after a warm-up; the runs alternate, so load from other processes on a
+    shared machine hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    results = [None, None]
+    for i in range(repeats + 1):
+        for j, fn in enumerate((ours, peer)):
+            start = time.perf_counter()
+            results[j] = fn()
+            if i:  # the first round is the warm-up
+                times[j].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -131,14 +138,14 @@ def main() -> None:
         prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
         model, extra = ours_model, {}
         if case == "b1-int8":
-            model = quantize_int8(ours_model)
+            model = quantize_int8(copy.deepcopy(ours_model))
             fp32_ppl = validation_perplexity(ours_model, tokenizer, ppl_tokens)
             int8_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
             extra = {"ppl_fp32": round(fp32_ppl, 2), "ppl_int8": round(int8_ppl, 2),
                      "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3), "ppl_tokens": ppl_tokens}
         lm = LanguageModel(model, tokenizer, max_batch=len(prompts))
-        ours_s, ours_out = timed(lambda lm=lm, p=prompts: lm.complete(p, cfg), repeats)
-        peer_s, peer_out = timed(lambda p=prompts: hf_generate(peer, p, new_tokens), repeats)
+        ours_s, peer_s, ours_out, peer_out = timed_pair(lambda lm=lm, p=prompts: lm.complete(p, cfg),
+                                                        lambda p=prompts: hf_generate(peer, p, new_tokens), repeats)
         if case != "b1-int8":
             extra["identical"] = [c.token_ids for c in ours_out] == peer_out
         floor_s = (decode_bytes(model) + kv_bytes_per_step(model, lengths, new_tokens)) / bandwidth
@@ -155,7 +162,7 @@ def main() -> None:
         model, tokenizer = checkpoint.load_model(args.ckpt)
         model.eval()
         fp32_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
-        int8_ppl = validation_perplexity(quantize_int8(model), tokenizer, ppl_tokens)
+        int8_ppl = validation_perplexity(quantize_int8(copy.deepcopy(model)), tokenizer, ppl_tokens)
         print(json.dumps({"bench": "generate", "case": "int8-ppl", "ckpt": args.ckpt, "ppl_fp32": round(fp32_ppl, 3),
                           "ppl_int8": round(int8_ppl, 3), "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3),
                           "ppl_tokens": ppl_tokens}), flush=True)

@@ -24,7 +24,7 @@ import torch
 
 from gptlab import checkpoint
 from gptlab.model import GPT, KVCache
-from gptlab.quantize import quantize_int8
+from gptlab.quantize import prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import Tokenizer
 
 
@@ -284,8 +284,7 @@ class Decoder:
             seq = self._slots[i]
             tokens[i], positions[i] = seq.tokens[-1], len(seq.tokens) - 1
         idx = torch.tensor(tokens, device=self.device)[:, None]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        logits = self.model.forward_cached(idx, pos, self.cache, slice(0, n), prefill=False)
+        logits = self.model.forward_cached(idx, self.cache, slice(0, n), positions, prefill=False)
         return self._sample(running, logits[running] if len(running) < n else logits)
 
     def _prefill(self, new: list[int]) -> dict[int, TokenEvent]:
@@ -294,11 +293,10 @@ class Decoder:
         idx = torch.zeros(len(new), width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             idx[row, : len(prompt)] = torch.tensor(prompt)
-        pos = torch.arange(width).expand(len(new), width)
-        last = torch.tensor([len(p) - 1 for p in prompts])
-        logits = self.model.forward_cached(idx.to(self.device), pos.to(self.device), self.cache,
-                                           torch.tensor(new, device=self.device), prefill=True,
-                                           last=last.to(self.device))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        rows = slice(new[0], new[-1] + 1) if new[-1] - new[0] == len(new) - 1 else torch.tensor(new, device=self.device)
+        logits = self.model.forward_cached(idx.to(self.device), self.cache, rows, [0] * len(new), prefill=True,
+                                           last=last)
         for i in new:
             self._slots[i].prefilled = True
         return self._sample(new, logits)
@@ -383,8 +381,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     cache = KVCache(model.config, num_beams, len(prompt_ids) + max_new_tokens, device,
                     model.transformer.wte.weight.dtype)
     prompt = torch.tensor([prompt_ids] * num_beams, device=device)
-    logits = model.forward_cached(prompt, torch.arange(len(prompt_ids), device=device).expand_as(prompt),
-                                  cache, torch.arange(num_beams, device=device), prefill=True)
+    logits = model.forward_cached(prompt, cache, slice(0, num_beams), [0] * num_beams, prefill=True)
     eos = set(eos_token_ids)
     beams = [[] for _ in range(num_beams)]
     scores = torch.full((num_beams,), -1e9, device=device)
@@ -417,8 +414,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         scores = torch.tensor(next_scores, device=device)
         cache.reorder(torch.tensor(parents, device=device), len(prompt_ids) + step)
         idx = torch.tensor([b[-1] for b in beams], device=device)[:, None]
-        pos = torch.full_like(idx, len(prompt_ids) + step)
-        logits = model.forward_cached(idx, pos, cache, slice(0, num_beams), prefill=False)
+        logits = model.forward_cached(idx, cache, slice(0, num_beams), [len(prompt_ids) + step] * num_beams,
+                                      prefill=False)
     return max(finished, key=lambda f: f[0])[1]
 
 
@@ -427,7 +424,8 @@ class LanguageModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
                  max_batch: int = 8) -> None:
-        self.model = model.to(device).eval()
+        # on CPU, float weights move to the layouts of the fastest matmul kernels (quantize.CPULinear)
+        self.model = prepare_cpu_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch

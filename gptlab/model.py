@@ -23,46 +23,48 @@ class KVCache:
     0..current. Two kinds of pass cover generation (see `GPT.forward_cached`):
     - prefill: the rows start empty, so the new tokens attend only to each other (causal);
       right padding is harmless because padded tokens come after the real ones;
-    - decode: one token per row for the contiguous rows 0..n-1, each at its own position, attending to
-      the cached prefix through a length mask (rows at different positions batch together).
+    - decode: new tokens of contiguous rows (a slice), each row at its own position, attending to the
+      cached prefix through a length mask (rows at different positions batch together).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.max_len = max_len or config.block_size
+        if self.max_len > config.block_size:
+            raise ValueError(f"cache length {self.max_len} exceeds the context length {config.block_size}")
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, self.max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._rows: torch.Tensor | slice = slice(0, 0)
-        self._row_index = torch.zeros(0, 1, dtype=torch.long)
-        self._positions = torch.zeros(0, 1, dtype=torch.long)
-        self._prefill = True
-        self._length = 0
-        self._mask: torch.Tensor | None = None
+        self.plan(slice(0, 0), [], 1, prefill=True)
 
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
 
-    def plan(self, rows: torch.Tensor | slice, positions: torch.Tensor, prefill: bool) -> None:
-        """Set up the index tensors and mask shared by all layers for one forward pass.
-
-        rows: the cache rows of the batch (a slice for decode, any rows for prefill);
-        positions: (B, T) position of every new token.
-        """
-        self._rows, self._positions, self._prefill = rows, positions, prefill
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start, rows.stop, device=positions.device)
-        self._row_index = rows[:, None]  # broadcasts against positions (B, T)
-        self._length = int(positions.max()) + 1
+    def plan(self, rows: torch.Tensor | slice, starts: list[int], new_tokens: int, prefill: bool) -> torch.Tensor:
+        """Prepare one forward pass over `rows` (any rows for prefill, a slice for decode) whose row i
+        gets `new_tokens` tokens from position starts[i]; returns their (B, T) positions.
+        Index tensors and the mask are built here once and shared by all layers."""
+        device = self.k.device
+        self._rows, self._prefill = rows, prefill
+        self._length = max(starts, default=0) + new_tokens
         if self._length > self.max_len:
             raise ValueError(f"position {self._length - 1} is beyond the cache length {self.max_len}")
+        start_tensor = torch.tensor(starts, device=device)[:, None]
+        positions = start_tensor + torch.arange(new_tokens, device=device)
+        # all rows at the same position (batch 1, prefill, beams): plain slice writes, no mask
+        self._start = starts[0] if starts and min(starts) == max(starts) else None
+        self._write_rows = rows
+        if self._start is None or not isinstance(rows, slice):
+            row_index = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+            self._write_rows = row_index[:, None]
+            self._positions = positions
         self._mask = None
-        # decode with rows at different positions (or several new tokens): mask each token's future
-        if not prefill and (positions.size(1) > 1 or bool((positions[:, -1] != self._length - 1).any())):
-            keys = torch.arange(self._length, device=positions.device)
+        if not prefill and (new_tokens > 1 or self._start is None):  # mask each token's future
+            keys = torch.arange(self._length, device=device)
             self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        return positions
 
     def reorder(self, rows: torch.Tensor, length: int) -> None:
         """Row i takes the first `length` cached positions of row rows[i] (beam search)."""
@@ -72,8 +74,13 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
-        k_cache[self._row_index, :, self._positions] = k.transpose(1, 2)
-        v_cache[self._row_index, :, self._positions] = v.transpose(1, 2)
+        if isinstance(self._write_rows, slice):
+            end = self._start + k.size(2)
+            k_cache[self._write_rows, :, self._start: end] = k
+            v_cache[self._write_rows, :, self._start: end] = v
+        else:
+            k_cache[self._write_rows, :, self._positions] = k.transpose(1, 2)
+            v_cache[self._write_rows, :, self._positions] = v.transpose(1, 2)
         if self._prefill:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         keys, values = k_cache[self._rows, :, : self._length], v_cache[self._rows, :, : self._length]
@@ -94,8 +101,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> three (B, n_head, T, head_dim) views
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)
         else:
@@ -201,16 +208,15 @@ class GPT(nn.Module):
             x = block(x, cache)
         return self.transformer.ln_f(x)
 
-    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                       rows: torch.Tensor | slice, prefill: bool, last: torch.Tensor | None = None,
-                       ) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],
+                       prefill: bool, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) of one token per row, reading and extending `cache` (see KVCache).
 
-        idx, positions: (B, T) new tokens and their positions; rows: their cache rows; prefill: the
-        rows start empty; last: (B,) index in 0..T-1 of the token whose logits are wanted (default:
-        the last one). Only those B positions go through the LM head, the largest matmul of a step.
+        idx: (B, T) new tokens; rows: their cache rows; starts: each row's first new position;
+        prefill: the rows start empty; last: (B,) index in 0..T-1 of the token whose logits are
+        wanted (default: the last). Only those B positions go through the LM head, the largest matmul.
         """
-        cache.plan(rows, positions, prefill)
+        positions = cache.plan(rows, starts, idx.size(1), prefill)
         x = self.hidden_states(idx, positions, cache)
         x = x[:, -1] if last is None else x[torch.arange(x.size(0), device=x.device), last]
         return self.lm_head(x)

@@ -1,7 +1,9 @@
-"""Int8 weights for CPU inference.
+"""Weight formats for fast CPU inference: float layouts that suit the matmul kernels, and int8.
 
-Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
-int8 weights are a quarter of float32's bytes. `quantize_int8` swaps every `nn.Linear` (the tied
+Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth and by
+how well the matmul kernel streams the weights. `prepare_cpu_inference` keeps float32 weights but
+stores them the way the fastest kernel reads them (see CPULinear). int8 weights are a quarter of
+float32's bytes. `quantize_int8` swaps every `nn.Linear` (the tied
 LM head included, which gets its own int8 copy; the float embedding table stays for lookups) for an
 `Int8Linear` that runs fbgemm's dynamically quantized matmul: weights int8 with one scale per
 output channel, activations quantized to 8 bits per call, int32 accumulation, float32 output.
@@ -14,8 +16,58 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gptlab.model import GPT
+
+
+class CPULinear(nn.Linear):
+    """nn.Linear for CPU inference; same parameters and state_dict, faster kernels in inference mode.
+
+    - one row (batch-1 decoding): the weight is stored column-major, i.e. as the (in, out) matrix
+      MKL's GEMV streams fastest (up to ~1.3x faster than the (out, in) layout of nn.Linear);
+    - several rows (batched decoding, prefill): a oneDNN-packed copy of the weight, made on first
+      use (~2x faster than MKL's GEMM for a handful of rows; it costs the weight's memory again).
+    Training or autograd falls back to F.linear; the packed copy assumes frozen weights.
+    """
+
+    _packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> CPULinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias  # shared: a tied head stays tied
+        new.weight.data = new.weight.data.t().contiguous().t()
+        return new
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # an opaque oneDNN tensor (no storage to copy): rebuilt on first use
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or x.numel() == x.size(-1):
+            return F.linear(x, self.weight, self.bias)
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), 8)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def prepare_cpu_inference(model: GPT) -> GPT:
+    """Swap the model's float linear layers for CPULinear, in place (a no-op off the CPU)."""
+    if model.transformer.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return model
+    _replace_linears(model, lambda linear: CPULinear.from_linear(linear) if type(linear) is nn.Linear else linear)
+    return model
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, make(child))
 
 
 def _has_vnni() -> bool:
@@ -36,7 +88,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float().cpu()
+        weight = linear.weight.detach().float().cpu().contiguous()
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
         zero_points = torch.zeros_like(scales, dtype=torch.long)
         with warnings.catch_warnings():
@@ -60,8 +112,5 @@ def quantize_int8(model: GPT) -> GPT:
     if model.transformer.wte.weight.device.type != "cpu":
         raise ValueError("int8 quantization runs on CPU only (fbgemm); use bf16 weights on GPU")
     model.eval()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
+    _replace_linears(model, Int8Linear)
     return model

@@ -22,7 +22,7 @@ from gptlab.generate import (
     score,
 )
 from gptlab.model import GPT, KVCache
-from gptlab.quantize import quantize_int8
+from gptlab.quantize import CPULinear, prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import load
 from tests.conftest import run_cli, tiny_model_config
 
@@ -114,20 +114,25 @@ def test_cached_decoding_gives_the_full_forward_logits(peer):
         idx[r, : len(p)] = torch.tensor(p)  # right padding
     lengths = torch.tensor([len(p) for p in prompts])
     with torch.no_grad():
-        logits = model.forward_cached(idx, torch.arange(width).expand(3, width), cache, rows, prefill=True,
-                                      last=lengths - 1)
+        logits = model.forward_cached(idx, cache, rows, [0, 0, 0], prefill=True, last=lengths - 1)
         for r, p in enumerate(prompts):
             full = model(torch.tensor([p]))[0][0, -1]
             assert (logits[r] - full).abs().max() <= 1e-4
         for step in range(6):  # decode rows 0..3 together, each at its own position (row 2: dummy)
             tokens = torch.tensor([continuations[0][step], continuations[1][step], 0, continuations[2][step]])
-            pos = torch.tensor([len(prompts[0]), len(prompts[1]), 0, len(prompts[2])]) + step
-            pos[2] = 0
-            logits = model.forward_cached(tokens[:, None], pos[:, None], cache, slice(0, 4), prefill=False)
+            starts = [len(prompts[0]) + step, len(prompts[1]) + step, 0, len(prompts[2]) + step]
+            logits = model.forward_cached(tokens[:, None], cache, slice(0, 4), starts, prefill=False)
             for r, row in enumerate((0, 1, 3)):
                 seq = prompts[r] + continuations[r][: step + 1]
                 full = model(torch.tensor([seq]))[0][0, -1]
                 assert (logits[row] - full).abs().max() <= 1e-4
+        # several new tokens per row at once (masked causally within them), rows 0..1 only
+        more = torch.tensor(random_prompts([3, 3], seed=6))
+        starts = [len(prompts[r]) + 6 for r in (0, 1)]
+        logits = model.forward_cached(more, cache, slice(0, 2), starts, prefill=False)
+        for r in (0, 1):
+            full = model(torch.tensor([prompts[r] + continuations[r] + more[r].tolist()]))[0][0, -1]
+            assert (logits[r] - full).abs().max() <= 1e-4
 
 
 def test_batched_generation_equals_each_prompt_alone(lm):
@@ -295,7 +300,21 @@ def test_prompt_longer_than_context_raises(lm):
         lm.generate("hi", num_beams=0)
 
 
-# --- int8 ----------------------------------------------------------------------------------------------
+# --- CPU weight formats ----------------------------------------------------------------------------------------------
+
+def test_cpu_linear_layouts_give_the_same_results(peer):
+    _, model = peer
+    prepared = prepare_cpu_inference(copy.deepcopy(model))
+    assert isinstance(prepared.lm_head, CPULinear) and prepared.lm_head.weight is prepared.transformer.wte.weight
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    for length in (1, 20):  # one row (column-major GEMV) and several (oneDNN-packed GEMM)
+        tokens = torch.tensor(random_prompts([length], seed=7))
+        with torch.inference_mode():
+            assert (prepared(tokens)[0] - model(tokens)[0]).abs().max() <= 1e-4
+    prepared.train()  # training falls back to F.linear, gradients flow
+    prepared(tokens, tokens)[1].backward()
+    assert prepared.lm_head.weight.grad is not None
+
 
 def test_int8_model_stays_close_to_float(peer, tokenizer):
     _, model = peer
