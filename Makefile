@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
+# runs/demo is the demo's own output: a rerun starts it afresh
 demo: install
 	$(BIN)/gptlab prepare
+	rm -rf runs/demo
 	$(BIN)/gptlab train --out runs/demo
 	$(BIN)/gptlab generate --ckpt runs/demo --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --seed 1
 

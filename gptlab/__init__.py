@@ -12,6 +12,10 @@ __all__ = ["GPT", "GPTConfig", "LanguageModel", "TrainConfig", "load"]
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, device: str = "cpu") -> LanguageModel:
-    """Load a gptlab checkpoint (run directory or file) or a Hugging Face GPT-2 directory."""
-    return LanguageModel.load(path, device)
+def load(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
+    """Load a gptlab checkpoint (run directory or file) or a Hugging Face GPT-2 directory.
+
+    `m = load(path); m.generate(["a", "b"], max_new_tokens=50, temperature=0.8)`; `m.stream("a")`.
+    quantize="int8": int8 weights for faster CPU inference.
+    """
+    return LanguageModel.load(path, device, quantize)

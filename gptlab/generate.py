@@ -1,119 +1,523 @@
-"""Text generation: sampling controls and the `LanguageModel` returned by `gptlab.load`."""
+"""Text generation: a KV-cached, continuously batched decoder with the usual sampling controls.
+
+Layers, bottom up:
+- `SamplingConfig`: what to sample (temperature, top-k/p, min-p, penalties, stops, seed, logprobs).
+- `Decoder`: continuous batching over a preallocated `KVCache` with `max_batch` slots. `add` a
+  prompt, call `step` to get one `TokenEvent` per active slot; finished slots free themselves.
+  This is what a server drives.
+- `LanguageModel` (what `gptlab.load` returns): `generate`, `stream` and `complete` built on the
+  Decoder, plus `beam_search` and `score` for the other decoding styles.
+
+Every sequence keeps its own cache row and positions, so prompts of different lengths batch
+together without padding in the cache (prefill right-pads the new prompts; the causal mask makes
+the padding invisible) and each one gives the same tokens as when generated alone.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gptlab import checkpoint
-from gptlab.model import GPT
+from gptlab.model import GPT, KVCache
+from gptlab.quantize import prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import Tokenizer
 
 
 @dataclass
 class SamplingConfig:
+    """How to pick each next token. Penalties follow vLLM / OpenAI: the repetition penalty (HF
+    style: divide positive logits, multiply negative ones) covers prompt and output tokens;
+    presence and frequency penalties cover output tokens only."""
+
     max_new_tokens: int = 100
     temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | None = None  # (0, 1]
+    min_p: float | None = None  # [0, 1]: drop tokens below min_p * p(most likely token)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # checked on decoded text; the stop text is not returned
+    stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top-k alternatives
+    ignore_eos: bool = False  # keep going after the tokenizer's <|endoftext|> (benchmarks)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass
+class TokenEvent:
+    """What one decode step produced for one sequence."""
+
+    token_id: int
+    text: str  # newly released text (UTF-8 safe, stop strings withheld/removed); may be ""
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # None while running, then "stop" or "length"
+
+
+@dataclass
+class Completion:
+    """One finished generation. token_ids are all sampled tokens (a stop token or the tokens of a
+    stop string included), so completion_tokens == len(token_ids); text excludes the stop."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] | None = None  # per generated token, from the model's distribution
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of (B, vocab) logits."""
+    """Temperature, then top-k, top-p (nucleus) and min-p filtering of (B, vocab) logits."""
     logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # drop a token once the mass before it already reaches top_p (the first token always stays)
-        drop = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if cfg.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
-@torch.no_grad()
-def generate_ids(model: GPT, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
-    """Yield new token ids one at a time (full forward over the last block_size tokens)."""
-    block = model.config.block_size
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if len(prompt) >= block:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {block} (leave room to generate)")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if cfg.seed is not None:
-        generator.manual_seed(cfg.seed)
-    else:
-        generator.seed()
-    ids = torch.tensor([prompt], device=device)
-    model.eval()
-    for _ in range(cfg.max_new_tokens):
-        logits, _ = model(ids[:, -block:])
-        logits = logits[:, -1, :].float()
-        if cfg.temperature == 0:
-            next_id = logits.argmax(-1, keepdim=True)
+class _TextReleaser:
+    """Turns token bytes into text that is safe to show: never half a UTF-8 character, never the
+    beginning of what may become a stop string, never the stop string itself."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = stop
+        self._held = ""  # decoded text not released yet (a possible start of a stop string)
+
+    def push(self, data: bytes) -> tuple[str, bool]:
+        """Add a token's bytes; return (text to release, whether a stop string was found)."""
+        text = self._held + self._utf8.decode(data)
+        if not self._stop:
+            self._held = ""
+            return text, False
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        # hold back the longest tail that is the beginning of some stop string
+        hold = max((k for s in self._stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - hold:]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """Everything still held (the generation ended without completing a stop string)."""
+        text, self._held = self._held + self._utf8.decode(b"", final=True), ""
+        return text
+
+
+class _Sequence:
+    """The state of one slot: its tokens, sampling state and text released so far."""
+
+    def __init__(self, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int], vocab: int,
+                 device: torch.device) -> None:
+        self.prompt_len = len(prompt)
+        self.tokens = list(prompt)
+        self.cfg = cfg
+        self.stop_ids = stop_ids
+        self.prefilled = False
+        self.releaser = _TextReleaser(cfg.stop)
+        self.generator: torch.Generator | None = None
+        if not cfg.greedy:
+            self.generator = torch.Generator(device=device)
+            if cfg.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(cfg.seed)
+        self.seen: torch.Tensor | None = None  # tokens of prompt + output (repetition penalty)
+        self.counts: torch.Tensor | None = None  # output token counts (presence/frequency penalties)
+        if cfg.penalized:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt, device=device)] = True
+            self.counts = torch.zeros(vocab, device=device)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the repetition / presence / frequency penalties to this sequence's (vocab,) logits."""
+        cfg = self.cfg
+        if cfg.repetition_penalty != 1:
+            penalized = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
+        if cfg.presence_penalty or cfg.frequency_penalty:
+            logits = logits - cfg.frequency_penalty * self.counts - cfg.presence_penalty * (self.counts > 0)
+        return logits
+
+    def record(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+            self.counts[token] += 1
+
+
+class Decoder:
+    """Continuous batching over a preallocated KV cache with `max_batch` slots.
+
+    `add` registers a prompt (its prefill runs in the next `step`, batched with other new prompts);
+    each `step` produces one token for every active slot; a slot whose event has a finish_reason is
+    free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context):
+    there is no sliding window, a longer request is refused with ValueError.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8,
+                 device: torch.device | str | None = None, max_len: int | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        block = model.config.block_size
+        if max_len is not None and not 0 < max_len <= block:
+            raise ValueError(f"max_len must be in [1, {block}] (the model's context), got {max_len}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else model.transformer.wte.weight.device
+        self.vocab_size = model.config.vocab_size
+        self.cache = KVCache(model.config, max_batch, max_len, self.device, model.transformer.wte.weight.dtype)
+        self._slots: list[_Sequence | None] = [None] * max_batch
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots.count(None)
+
+    @property
+    def active(self) -> int:
+        return len(self._slots) - self.free_slots
+
+    def add(self, prompt_ids: Sequence[int], cfg: SamplingConfig) -> int:
+        """Queue a prompt for generation; returns its slot id."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) + cfg.max_new_tokens > self.cache.max_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens and max_new_tokens is {cfg.max_new_tokens}: "
+                             f"together more than the context of {self.cache.max_len} tokens")
+        if None not in self._slots:
+            raise ValueError(f"no free slot: all {len(self._slots)} are generating")
+        slot = self._slots.index(None)  # lowest first keeps the decode batch (rows 0..n-1) compact
+        stop_ids = set(cfg.stop_token_ids)
+        if not cfg.ignore_eos:
+            stop_ids.add(self.tokenizer.eot_id)
+        self._slots[slot] = _Sequence(prompt, cfg, stop_ids, self.vocab_size, self.device)
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        """Free a slot (e.g. the client disconnected); unknown or free slots are ignored."""
+        if 0 <= slot < len(self._slots):
+            self._slots[slot] = None
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, TokenEvent]:
+        """One token for every active slot: decode the running ones, prefill the newly added ones."""
+        events: dict[int, TokenEvent] = {}
+        running = [i for i, s in enumerate(self._slots) if s is not None and s.prefilled]
+        if running:
+            events.update(self._decode(running))
+        new = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilled]
+        if new:
+            events.update(self._prefill(new))
+        for slot, event in events.items():
+            if event.finish_reason is not None:
+                self._slots[slot] = None
+        return events
+
+    def _decode(self, running: list[int]) -> dict[int, TokenEvent]:
+        # rows 0..n-1 as one batch (a view of the cache, no gather); rows that are free or not yet
+        # prefilled ride along with a dummy token at position 0, which their prefill overwrites
+        n = running[-1] + 1
+        tokens, positions = [0] * n, [0] * n
+        for i in running:
+            seq = self._slots[i]
+            tokens[i], positions[i] = seq.tokens[-1], len(seq.tokens) - 1
+        idx = torch.tensor(tokens, device=self.device)[:, None]
+        logits = self.model.forward_cached(idx, self.cache, slice(0, n), positions, prefill=False)
+        return self._sample(running, logits[running] if len(running) < n else logits)
+
+    def _prefill(self, new: list[int]) -> dict[int, TokenEvent]:
+        prompts = [self._slots[i].tokens for i in new]
+        width = max(map(len, prompts))
+        idx = torch.zeros(len(new), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            idx[row, : len(prompt)] = torch.tensor(prompt)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        rows = slice(new[0], new[-1] + 1) if new[-1] - new[0] == len(new) - 1 else torch.tensor(new, device=self.device)
+        logits = self.model.forward_cached(idx.to(self.device), self.cache, rows, [0] * len(new), prefill=True,
+                                           last=last)
+        for i in new:
+            self._slots[i].prefilled = True
+        return self._sample(new, logits)
+
+    def _sample(self, slots: list[int], logits: torch.Tensor) -> dict[int, TokenEvent]:
+        """Pick the next token of each slot from its (vocab,) logits row and turn it into an event."""
+        logits = logits.float()
+        seqs = [self._slots[i] for i in slots]
+        if all(s.cfg.greedy and not s.cfg.penalized for s in seqs):
+            chosen = logits.argmax(-1).tolist()  # the common fast path: one op for the whole batch
         else:
-            probs = filter_logits(logits, cfg).softmax(-1)
-            next_id = torch.multinomial(probs, 1, generator=generator)
-        ids = torch.cat([ids, next_id], dim=1)
-        yield int(next_id)
+            chosen = []
+            for row, seq in enumerate(seqs):
+                scores = seq.penalize(logits[row]) if seq.cfg.penalized else logits[row]
+                if seq.cfg.greedy:
+                    chosen.append(int(scores.argmax()))
+                else:
+                    probs = filter_logits(scores[None], seq.cfg).softmax(-1)
+                    chosen.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+        events = {}
+        for row, (slot, seq, token) in enumerate(zip(slots, seqs, chosen, strict=True)):
+            logprob, top = None, None
+            if seq.cfg.logprobs is not None:
+                logprob, top = _logprobs(logits[row], token, seq.cfg.logprobs)
+            events[slot] = self._advance(seq, token, logprob, top)
+        return events
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float | None,
+                 top: list[tuple[int, float]] | None) -> TokenEvent:
+        seq.record(token)
+        if token in seq.stop_ids:
+            return TokenEvent(token, seq.releaser.flush(), logprob, top, "stop")
+        text, stopped = seq.releaser.push(self.tokenizer.decode_bytes([token]))
+        if stopped:
+            return TokenEvent(token, text, logprob, top, "stop")
+        if seq.generated >= seq.cfg.max_new_tokens:
+            return TokenEvent(token, text + seq.releaser.flush(), logprob, top, "length")
+        return TokenEvent(token, text, logprob, top, None)
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model (before penalties, temperature and
+    filtering) and the k most likely alternatives."""
+    logprobs = logits.log_softmax(-1)
+    top = []
+    if k:
+        values, ids = logprobs.topk(min(k, logprobs.size(-1)))
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), top
+
+
+@torch.inference_mode()
+def score(model: GPT, token_ids: list[int]) -> list[float | None]:
+    """Log-probability of each token given the ones before it (None for the first): echo / loglikelihood."""
+    if not token_ids:
+        raise ValueError("no tokens to score")
+    device = model.transformer.wte.weight.device
+    ids = torch.tensor([token_ids], device=device)
+    logprobs = model.eval()(ids)[0][0].float().log_softmax(-1)
+    picked = logprobs[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return [None, *picked.tolist()]
+
+
+@torch.inference_mode()
+def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
+                length_penalty: float = 1.0, eos_token_ids: Sequence[int] = ()) -> list[int]:
+    """The most likely continuation by beam search (Hugging Face's semantics, `early_stopping=False`).
+
+    Keeps `num_beams` running hypotheses; a hypothesis ends at an EOS token or at max_new_tokens and
+    is scored sum(logprobs) / length ** length_penalty (> 0 favours longer outputs). Returns the
+    best finished hypothesis' new tokens (a final EOS token included).
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
+                         f"together more than the context of {model.config.block_size} tokens")
+    device = model.transformer.wte.weight.device
+    model.eval()
+    cache = KVCache(model.config, num_beams, len(prompt_ids) + max_new_tokens, device,
+                    model.transformer.wte.weight.dtype)
+    prompt = torch.tensor([prompt_ids] * num_beams, device=device)
+    logits = model.forward_cached(prompt, cache, slice(0, num_beams), [0] * num_beams, prefill=True)
+    eos = set(eos_token_ids)
+    beams = [[] for _ in range(num_beams)]
+    scores = torch.full((num_beams,), -1e9, device=device)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    finished: list[tuple[float, list[int]]] = []  # (score, tokens), the best num_beams kept
+    for step in range(max_new_tokens):
+        length = step + 1
+        candidates = (logits.float().log_softmax(-1) + scores[:, None]).view(-1)
+        top_scores, top_ids = candidates.topk(2 * num_beams)
+        vocab = logits.size(-1)
+        next_beams, next_scores, parents = [], [], []
+        last_step = length == max_new_tokens
+        for rank, (cand_score, flat) in enumerate(zip(top_scores.tolist(), top_ids.tolist(), strict=True)):
+            parent, token = divmod(flat, vocab)
+            if token in eos or last_step:
+                if rank < num_beams:  # only the top num_beams candidates may finish (as in HF)
+                    finished.append((cand_score / length ** length_penalty, beams[parent] + [token]))
+            elif len(next_beams) < num_beams:
+                next_beams.append(beams[parent] + [token])
+                next_scores.append(cand_score)
+                parents.append(parent)
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        if last_step or len(next_beams) < num_beams:
+            break
+        # HF's early-stop heuristic: stop once the best running beam, were it to end now, cannot
+        # beat the worst of num_beams finished hypotheses
+        if len(finished) == num_beams and next_scores[0] / length ** length_penalty <= finished[-1][0]:
+            break
+        beams = next_beams
+        scores = torch.tensor(next_scores, device=device)
+        cache.reorder(torch.tensor(parents, device=device), len(prompt_ids) + step)
+        idx = torch.tensor([b[-1] for b in beams], device=device)[:, None]
+        logits = model.forward_cached(idx, cache, slice(0, num_beams), [len(prompt_ids) + step] * num_beams,
+                                      prefill=False)
+    return max(finished, key=lambda f: f[0])[1]
 
 
 class LanguageModel:
     """A model with its tokenizer, ready to generate: what `gptlab.load(path)` returns."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> None:
-        self.model = model.to(device).eval()
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
+                 max_batch: int = 8) -> None:
+        # on CPU, float weights move to the layouts of the fastest matmul kernels (quantize.CPULinear)
+        self.model = prepare_cpu_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.max_batch = max_batch
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> LanguageModel:
+    def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
+        """A checkpoint (or HF GPT-2 directory) ready to generate; quantize="int8" for int8 weights (CPU)."""
+        from gptlab.train import select_device
+
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         model, tokenizer = checkpoint.load_model(path)
+        device = select_device(device)
+        if quantize == "int8":
+            if device.type != "cpu":
+                raise ValueError("--quantize int8 runs on CPU only")
+            quantize_int8(model)
         return cls(model, tokenizer, device)
 
-    def generate(self, prompts: str | list[str], **sampling) -> list[str]:
-        """Continuations of each prompt (the prompt itself is not repeated)."""
-        cfg = SamplingConfig(**sampling)
-        prompts = [prompts] if isinstance(prompts, str) else prompts
+    def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
-        return [self.tokenizer.decode(list(generate_ids(self.model, self.tokenizer.encode(p), cfg))) for p in prompts]
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not all(encoded):
+            raise ValueError("a prompt is empty (it encodes to no tokens)")
+        return encoded
+
+    def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 cfg: SamplingConfig | None = None) -> list[Completion]:
+        """Generate for every prompt (text or token ids), up to `max_batch` at a time with continuous
+        batching: a finished sequence's slot goes to the next waiting prompt at once."""
+        cfg = cfg or SamplingConfig()
+        encoded = self._encode(prompts)
+        longest = max(map(len, encoded)) + cfg.max_new_tokens
+        if longest > self.model.config.block_size:
+            raise ValueError(f"the longest prompt plus max_new_tokens ({longest} tokens) exceeds the context "
+                             f"of {self.model.config.block_size} tokens")
+        decoder = Decoder(self.model, self.tokenizer, min(self.max_batch, len(encoded)), self.device, longest)
+        results: list[Completion | None] = [None] * len(encoded)
+        texts = [[] for _ in encoded]
+        events: list[list[TokenEvent]] = [[] for _ in encoded]
+        owner: dict[int, int] = {}
+        waiting = list(range(len(encoded)))
+        while waiting or decoder.active:
+            while waiting and decoder.free_slots:
+                i = waiting.pop(0)
+                owner[decoder.add(encoded[i], cfg)] = i
+            for slot, event in decoder.step().items():
+                i = owner[slot]
+                texts[i].append(event.text)
+                events[i].append(event)
+                if event.finish_reason is not None:
+                    want_logprobs = cfg.logprobs is not None
+                    results[i] = Completion(
+                        text="".join(texts[i]), token_ids=[e.token_id for e in events[i]],
+                        finish_reason=event.finish_reason, prompt_tokens=len(encoded[i]),
+                        completion_tokens=len(events[i]),
+                        logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
+                        top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
+        return results
+
+    def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
+                 **sampling) -> list[str]:
+        """Continuations of each prompt (the prompt itself is not repeated).
+
+        `sampling` takes the fields of SamplingConfig; num_beams > 1 runs beam search instead
+        (it uses max_new_tokens, stop_token_ids and ignore_eos; not the sampling controls).
+        """
+        cfg = SamplingConfig(**sampling)
+        if num_beams > 1:
+            eos = [*cfg.stop_token_ids, *([] if cfg.ignore_eos else [self.tokenizer.eot_id])]
+            outputs = []
+            for ids in self._encode(prompts):
+                tokens = beam_search(self.model, ids, num_beams, cfg.max_new_tokens, length_penalty, eos)
+                outputs.append(self.tokenizer.decode(t for t in tokens if t not in eos))
+            return outputs
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        return [c.text for c in self.complete(prompts, cfg)]
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Yield text pieces as tokens arrive; bytes of an unfinished UTF-8 character are held back."""
+        """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
         cfg = SamplingConfig(**sampling)
-        pending = b""
-        for token in generate_ids(self.model, self.tokenizer.encode(prompt), cfg):
-            pending += self.tokenizer.decode_bytes([token])
-            text, pending = _split_utf8(pending)
-            if text:
-                yield text
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
-
-
-def _split_utf8(data: bytes) -> tuple[str, bytes]:
-    """Decode the complete UTF-8 prefix of `data`; return it and the incomplete tail."""
-    for cut in range(len(data), max(-1, len(data) - 4), -1):
-        try:
-            return data[:cut].decode("utf-8"), data[cut:]
-        except UnicodeDecodeError:
-            continue
-    return data.decode("utf-8", errors="replace"), b""
+        (ids,) = self._encode(prompt)
+        decoder = Decoder(self.model, self.tokenizer, 1, self.device,
+                          min(len(ids) + cfg.max_new_tokens, self.model.config.block_size))
+        slot = decoder.add(ids, cfg)
+        while True:
+            event = decoder.step()[slot]
+            if event.text:
+                yield event.text
+            if event.finish_reason is not None:
+                return

@@ -19,9 +19,82 @@ IGNORE_INDEX = -100  # target value that contributes no loss (padding, masked pr
 CE_CHUNK_ELEMENTS = 1 << 24  # logits computed at once by the loss: 64 MB in fp32, whatever the batch
 
 
+class KVCache:
+    """Preallocated keys and values of every layer for `batch_size` rows of up to `max_len` tokens.
+
+    Row r holds one sequence from position 0. A cached forward pass writes the new tokens' keys and
+    values at their positions (no per-step concatenation) and attends to the row's positions
+    0..current. Two kinds of pass cover generation (see `GPT.forward_cached`):
+    - prefill: the rows start empty, so the new tokens attend only to each other (causal);
+      right padding is harmless because padded tokens come after the real ones;
+    - decode: new tokens of contiguous rows (a slice), each row at its own position, attending to the
+      cached prefix through a length mask (rows at different positions batch together).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.max_len = max_len or config.block_size
+        if self.max_len > config.block_size:
+            raise ValueError(f"cache length {self.max_len} exceeds the context length {config.block_size}")
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.plan(slice(0, 0), [], 1, prefill=True)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def plan(self, rows: torch.Tensor | slice, starts: list[int], new_tokens: int, prefill: bool) -> torch.Tensor:
+        """Prepare one forward pass over `rows` (any rows for prefill, a slice for decode) whose row i
+        gets `new_tokens` tokens from position starts[i]; returns their (B, T) positions.
+        Index tensors and the mask are built here once and shared by all layers."""
+        device = self.k.device
+        self._rows, self._prefill = rows, prefill
+        self._length = max(starts, default=0) + new_tokens
+        if self._length > self.max_len:
+            raise ValueError(f"position {self._length - 1} is beyond the cache length {self.max_len}")
+        start_tensor = torch.tensor(starts, device=device)[:, None]
+        positions = start_tensor + torch.arange(new_tokens, device=device)
+        # all rows at the same position (batch 1, prefill, beams): plain slice writes, no mask
+        self._start = starts[0] if starts and min(starts) == max(starts) else None
+        self._write_rows = rows
+        if self._start is None or not isinstance(rows, slice):
+            row_index = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+            self._write_rows = row_index[:, None]
+            self._positions = positions
+        self._mask = None
+        if not prefill and (new_tokens > 1 or self._start is None):  # mask each token's future
+            keys = torch.arange(self._length, device=device)
+            self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        return positions
+
+    def reorder(self, rows: torch.Tensor, length: int) -> None:
+        """Row i takes the first `length` cached positions of row rows[i] (beam search)."""
+        self.k[:, :, :, :length] = self.k[:, rows, :, :length]
+        self.v[:, :, :, :length] = self.v[:, rows, :, :length]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if isinstance(self._write_rows, slice):
+            end = self._start + k.size(2)
+            k_cache[self._write_rows, :, self._start: end] = k
+            v_cache[self._write_rows, :, self._start: end] = v
+        else:
+            k_cache[self._write_rows, :, self._positions] = k.transpose(1, 2)
+            v_cache[self._write_rows, :, self._positions] = v.transpose(1, 2)
+        if self._prefill:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keys, values = k_cache[self._rows, :, : self._length], v_cache[self._rows, :, : self._length]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which layer of a KVCache this attention reads and writes
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
@@ -30,13 +103,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # SDPA picks the fastest kernel for the device (flash / memory-efficient / fused CPU)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # (B, T, 3C) -> three (B, n_head, T, head_dim) views
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            y = cache.attend(self.layer_idx, q, k, v)
+        else:
+            # SDPA picks the fastest kernel for the device (flash / memory-efficient / fused CPU)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -54,19 +130,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: normalise the input of each sub-layer
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), cache)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x))  # GPT-1: normalise after each residual sum
+        x = self.ln_1(x + self.attn(x, cache))  # GPT-1: normalise after each residual sum
         return self.ln_2(x + self.mlp(x))
 
 
@@ -87,7 +163,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             # post-LN blocks already end normalised, so GPT-1 has no final LayerNorm
             ln_f=(nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
                   if config.norm_position == "pre" else nn.Identity()),
@@ -125,19 +201,34 @@ class GPT(nn.Module):
             return self.transformer.wpe(positions)
         return self.sinusoid[positions]
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-layer hidden states (B, T, C) for token ids (B, T)."""
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-layer hidden states (B, T, C) for token ids (B, T) at `positions` (default 0..T-1)."""
         T = idx.size(1)
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)
+        if positions is None:
+            positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.position_embedding(positions))
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)  # keeps only the block's input
+                x = checkpoint(block, x, cache, use_reentrant=False)  # keeps only the block's input
             else:
-                x = block(x)
+                x = block(x, cache)
         return self.transformer.ln_f(x)
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],
+                       prefill: bool, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of one token per row, reading and extending `cache` (see KVCache).
+
+        idx: (B, T) new tokens; rows: their cache rows; starts: each row's first new position;
+        prefill: the rows start empty; last: (B,) index in 0..T-1 of the token whose logits are
+        wanted (default: the last). Only those B positions go through the LM head, the largest matmul.
+        """
+        positions = cache.plan(rows, starts, idx.size(1), prefill)
+        x = self.hidden_states(idx, positions, cache)
+        x = x[:, -1] if last is None else x[torch.arange(x.size(0), device=x.device), last]
+        return self.lm_head(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

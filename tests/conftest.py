@@ -45,3 +45,51 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run `gptlab` as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+# --- serving: a tiny GPT-2-tokenizer checkpoint and a real `gptlab serve` process ---------------------------
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory) -> Path:
+    """A random-init model with GPT-2's tokenizer (so text is real) and a 1024-token context. Its embedding is
+    scaled up so logits are far apart: greedy output then cannot flip on float-rounding differences between
+    batched and unbatched decoding."""
+    import torch
+
+    from gptlab import checkpoint
+    from gptlab.model import GPT
+    from gptlab.tokenizer import load
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=50257, block_size=1024))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10)
+    path = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
+    checkpoint.save(path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                       "tokenizer": load("gpt2").to_dict(), "step": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models in-process on one torch thread, like the server below."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def server(chat_ckpt, tmp_path_factory):
+    """The shared server: batches of up to 8, an API key, one torch thread (a model this small gains nothing
+    from more, and on a busy 2-core machine spin-waiting intra-op threads make every step many times slower)."""
+    from gptlab.serve import ServerProcess
+
+    proc = ServerProcess(chat_ckpt, tmp_path_factory.mktemp("server") / "serve.log", "--max-batch-size", "8",
+                         "--api-key", API_KEY, "--threads", "1")
+    yield proc
+    proc.stop()

@@ -1,17 +1,150 @@
+"""Generation: KV cache, batching, sampling controls, stops, streaming, beam search, int8, CLI.
+
+The reference is real: a random-init transformers GPT2LMHeadModel converted to gptlab, so greedy and
+beam search must give its exact tokens, and cached logits must equal a full forward pass.
+"""
+
+import copy
+import math
+
 import pytest
 import torch
 
-from gptlab.generate import LanguageModel, SamplingConfig, _split_utf8, filter_logits
-from gptlab.model import GPT
+from gptlab import checkpoint, hf
+from gptlab.generate import (
+    Decoder,
+    LanguageModel,
+    SamplingConfig,
+    _Sequence,
+    _TextReleaser,
+    beam_search,
+    filter_logits,
+    score,
+)
+from gptlab.model import GPT, KVCache
+from gptlab.quantize import CPULinear, prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import load
-from tests.conftest import tiny_model_config
+from tests.conftest import run_cli, tiny_model_config
+
+GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return LanguageModel(GPT(tiny_model_config(vocab_size=50257, block_size=64)), load("gpt2"))
+def tokenizer():
+    return load("gpt2")
 
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    torch.manual_seed(0)
+    return LanguageModel(GPT(tiny_model_config(vocab_size=50257, block_size=64)), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def peer():
+    """A random-init transformers GPT-2 and the same weights in gptlab. The init scale is raised
+    (0.02 -> 0.1) so the next-token argmax is decisive: two correct implementations differ in the
+    last float bits, which must not decide a near tie."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1)
+    model = GPT2LMHeadModel(config).eval()
+    ours = GPT(hf.config_from_hf(config.to_dict()))
+    checkpoint.load_weights(ours, hf.state_from_hf(model.state_dict()))
+    return model, ours
+
+
+def random_prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompts, new_tokens, **kwargs):
+    """transformers' batched generate: left padding plus an attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, **kwargs)
+    return out[:, width:].tolist()
+
+
+# --- parity with transformers ----------------------------------------------------------------------
+
+def test_greedy_is_token_identical_to_transformers(peer, tokenizer):
+    model, ours = peer
+    lm = LanguageModel(ours, tokenizer, max_batch=3)
+    prompts = random_prompts([1, 7, 40, 23])
+    cfg = SamplingConfig(max_new_tokens=24, **GREEDY)
+    for prompt in prompts[:3]:  # batch 1, several prompt lengths
+        assert lm.complete([prompt], cfg)[0].token_ids == hf_greedy(model, [prompt], 24)[0]
+    # batched: 4 prompts of different lengths through 3 slots (the 4th takes the first free slot)
+    assert [c.token_ids for c in lm.complete(prompts, cfg)] == hf_greedy(model, prompts, 24)
+
+
+def test_beam_search_matches_transformers(peer):
+    model, ours = peer
+    for prompt, beams, penalty in zip(random_prompts([5, 12], seed=1), (3, 4), (1.0, 0.5), strict=True):
+        expected = hf_greedy(model, [prompt], 8, num_beams=beams, length_penalty=penalty)[0]
+        assert beam_search(ours, prompt, beams, 8, penalty) == expected
+    # an EOS token ends hypotheses: make the greedy 3rd token an EOS, transformers agrees on the result
+    prompt = random_prompts([6], seed=2)[0]
+    eos = hf_greedy(model, [prompt], 3)[0][2]
+    width = len(prompt)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, num_beams=3, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos)[0, width:].tolist()
+    assert beam_search(ours, prompt, 3, 8, 1.0, [eos]) == out
+
+
+# --- the KV cache ----------------------------------------------------------------------------------
+
+def test_cached_decoding_gives_the_full_forward_logits(peer):
+    _, model = peer
+    prompts = random_prompts([9, 4, 15], seed=3)
+    continuations = random_prompts([6, 6, 6], seed=4)
+    cache = KVCache(model.config, batch_size=4, max_len=32)
+    rows = torch.tensor([0, 1, 3])  # any rows for prefill; row 2 stays empty
+    width = max(map(len, prompts))
+    idx = torch.zeros(3, width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        idx[r, : len(p)] = torch.tensor(p)  # right padding
+    lengths = torch.tensor([len(p) for p in prompts])
+    with torch.no_grad():
+        logits = model.forward_cached(idx, cache, rows, [0, 0, 0], prefill=True, last=lengths - 1)
+        for r, p in enumerate(prompts):
+            full = model(torch.tensor([p]))[0][0, -1]
+            assert (logits[r] - full).abs().max() <= 1e-4
+        for step in range(6):  # decode rows 0..3 together, each at its own position (row 2: dummy)
+            tokens = torch.tensor([continuations[0][step], continuations[1][step], 0, continuations[2][step]])
+            starts = [len(prompts[0]) + step, len(prompts[1]) + step, 0, len(prompts[2]) + step]
+            logits = model.forward_cached(tokens[:, None], cache, slice(0, 4), starts, prefill=False)
+            for r, row in enumerate((0, 1, 3)):
+                seq = prompts[r] + continuations[r][: step + 1]
+                full = model(torch.tensor([seq]))[0][0, -1]
+                assert (logits[row] - full).abs().max() <= 1e-4
+        # several new tokens per row at once (masked causally within them), rows 0..1 only
+        more = torch.tensor(random_prompts([3, 3], seed=6))
+        starts = [len(prompts[r]) + 6 for r in (0, 1)]
+        logits = model.forward_cached(more, cache, slice(0, 2), starts, prefill=False)
+        for r in (0, 1):
+            full = model(torch.tensor([prompts[r] + continuations[r] + more[r].tolist()]))[0][0, -1]
+            assert (logits[r] - full).abs().max() <= 1e-4
+
+
+def test_batched_generation_equals_each_prompt_alone(lm):
+    prompts = ["Hello", "The quick brown fox jumps", "1 2 3", "A"]
+    cfg = dict(max_new_tokens=10, **GREEDY)
+    alone = [lm.generate(p, **cfg)[0] for p in prompts]
+    assert lm.generate(prompts, **cfg) == alone
+    small = LanguageModel(lm.model, lm.tokenizer, max_batch=2)  # continuous batching refills slots
+    assert small.generate(prompts, **cfg) == alone
+
+
+# --- sampling ----------------------------------------------------------------------------------------
 
 def test_same_seed_same_text(lm):
     a = lm.generate(["Hello", "The"], max_new_tokens=12, temperature=1.0, seed=7)
@@ -20,22 +153,27 @@ def test_same_seed_same_text(lm):
     assert a == b and a != c and len(a) == 2
 
 
-def test_greedy_matches_argmax_of_full_forward(lm):
-    ids = lm.tokenizer.encode("Once upon a time")
-    text = lm.generate("Once upon a time", max_new_tokens=5, temperature=0)[0]
-    expected = list(ids)
-    with torch.no_grad():
-        for _ in range(5):
-            expected.append(int(lm.model(torch.tensor([expected]))[0][0, -1].argmax()))
-    assert lm.tokenizer.encode("Once upon a time" + text) == expected or text == lm.tokenizer.decode(expected[len(ids):])
+def test_per_slot_sampling_configs_in_one_batch(lm):
+    """Slots with different temperatures and seeds in one batch give what each gives alone."""
+    prompt = lm.tokenizer.encode("Once upon a time")
+    configs = [SamplingConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True),
+               SamplingConfig(max_new_tokens=8, temperature=1.5, seed=1, ignore_eos=True),
+               SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20, seed=2, ignore_eos=True)]
+
+    def run(decoder, cfgs):
+        slots = [decoder.add(prompt, c) for c in cfgs]
+        tokens = {s: [] for s in slots}
+        while decoder.active:
+            for slot, event in decoder.step().items():
+                tokens[slot].append(event.token_id)
+        return [tokens[s] for s in slots]
+
+    together = run(Decoder(lm.model, lm.tokenizer, max_batch=3), configs)
+    alone = [run(Decoder(lm.model, lm.tokenizer, max_batch=1), [c])[0] for c in configs]
+    assert together == alone and len(together[2]) == 5 and together[0] != together[1]
 
 
-def test_stream_yields_the_same_text(lm):
-    pieces = list(lm.stream("你好", max_new_tokens=20, temperature=1.0, seed=3))
-    assert "".join(pieces) == lm.generate("你好", max_new_tokens=20, temperature=1.0, seed=3)[0]
-
-
-def test_top_k_and_top_p_filter():
+def test_top_k_top_p_min_p_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     kept = filter_logits(logits, SamplingConfig(temperature=1.0, top_k=2)).isfinite()
     assert kept.tolist() == [[True, True, False, False]]
@@ -44,10 +182,110 @@ def test_top_k_and_top_p_filter():
     assert kept.tolist() == [[True, True, False, False]] and probs[0] < 0.7
     kept = filter_logits(logits, SamplingConfig(temperature=1.0, top_p=0.5)).isfinite()
     assert kept.tolist() == [[True, False, False, False]]
+    kept = filter_logits(logits, SamplingConfig(temperature=1.0, min_p=0.1)).isfinite()  # keep p >= 0.064
+    assert kept.tolist() == [[True, True, True, False]]
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0),
-                                 dict(max_new_tokens=0), dict(top_k=0)])
+def test_penalties(lm):
+    cfg = SamplingConfig(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    seq = _Sequence([1, 2], cfg, set(), vocab=5, device=torch.device("cpu"))
+    seq.record(2)
+    seq.record(3)
+    seq.record(3)
+    logits = torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0])
+    # token 1: prompt only -> /2; token 2: prompt and once in the output -> /2 - 0.5 - 0.25;
+    # token 3: twice in the output -> *2 - 0.5 - 0.5; tokens 0 and 4: untouched
+    assert seq.penalize(logits).tolist() == pytest.approx([1.0, 0.5, -0.25, -3.0, 1.0])
+    # greedy with a strong repetition penalty never repeats a token, nor uses one of the prompt
+    prompt = lm.tokenizer.encode("Hello there")
+    out = lm.complete([prompt], SamplingConfig(max_new_tokens=15, repetition_penalty=100.0, **GREEDY))[0]
+    assert len(set(out.token_ids)) == 15 and not set(out.token_ids) & set(prompt)
+    plain = lm.complete([prompt], SamplingConfig(max_new_tokens=15, **GREEDY))[0]
+    assert len(set(plain.token_ids)) < 15  # the random model does repeat itself without it
+
+
+def test_logprobs_and_score_match_the_full_forward(lm):
+    prompt = lm.tokenizer.encode("The meaning of life is")
+    out = lm.complete([prompt], SamplingConfig(max_new_tokens=5, temperature=0.8, seed=3, logprobs=3,
+                                               ignore_eos=True))[0]
+    with torch.no_grad():
+        full = lm.model(torch.tensor([prompt + out.token_ids]))[0][0].log_softmax(-1)
+    for i, (token, logprob, top) in enumerate(zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True)):
+        row = full[len(prompt) - 1 + i]
+        assert logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+    scored = score(lm.model, prompt + out.token_ids)
+    assert scored[0] is None and scored[len(prompt):] == pytest.approx(out.logprobs, abs=1e-4)
+    greedy = lm.complete([prompt], SamplingConfig(max_new_tokens=2, logprobs=0, **GREEDY))[0]
+    assert greedy.top_logprobs == [[], []] and math.exp(greedy.logprobs[0]) <= 1
+
+
+# --- stops and text ----------------------------------------------------------------------------------
+
+def test_text_releaser_withholds_stop_strings_and_partial_characters():
+    releaser = _TextReleaser(["END", "好!"])
+    assert releaser.push(b"abc E") == ("abc ", False)  # "E" may start "END"
+    assert releaser.push(b"Nx") == ("ENx", False)
+    data = "好".encode()
+    assert releaser.push(data[:2]) == ("", False)  # half a character is never released
+    assert releaser.push(data[2:]) == ("", False)  # "好" may start "好!"
+    assert releaser.push(b"!tail") == ("", True)  # stop found: its text and what follows are dropped
+    releaser = _TextReleaser([])
+    assert releaser.push(b"ab" + data[:1]) == ("ab", False)
+    assert releaser.push(data[1:]) == ("好", False)
+
+
+def test_stop_strings_and_stop_tokens(lm):
+    prompt = "It was a dark and stormy night"
+    full = lm.complete([prompt], SamplingConfig(max_new_tokens=12, **GREEDY))[0]
+    text = full.text
+    stop = text[5:9]  # a stop string that may span tokens
+    out = lm.complete([prompt], SamplingConfig(max_new_tokens=12, stop=[stop], **GREEDY))[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    pieces = list(lm.stream(prompt, max_new_tokens=12, stop=[stop], **GREEDY))
+    assert "".join(pieces) == out.text
+    stop_id = full.token_ids[3]
+    out = lm.complete([prompt], SamplingConfig(max_new_tokens=12, stop_token_ids=[stop_id], **GREEDY))[0]
+    first = full.token_ids.index(stop_id)
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[: first + 1]
+    assert out.text == lm.tokenizer.decode(full.token_ids[:first])
+    assert full.finish_reason == "length" and full.completion_tokens == 12 == len(full.token_ids)
+
+
+def test_stream_yields_the_same_text(lm):
+    pieces = list(lm.stream("你好", max_new_tokens=20, temperature=1.0, seed=3))
+    assert "".join(pieces) == lm.generate("你好", max_new_tokens=20, temperature=1.0, seed=3)[0]
+    assert all(pieces)
+
+
+# --- the Decoder's bookkeeping and errors -------------------------------------------------------------
+
+def test_decoder_slots_cancel_and_refusals(lm):
+    decoder = Decoder(lm.model, lm.tokenizer, max_batch=2)
+    cfg = SamplingConfig(max_new_tokens=3, **GREEDY)
+    a = decoder.add([1, 2, 3], cfg)
+    b = decoder.add([4], cfg)
+    assert (a, b, decoder.free_slots, decoder.active) == (0, 1, 0, 2)
+    with pytest.raises(ValueError, match="no free slot"):
+        decoder.add([5], cfg)
+    assert set(decoder.step()) == {a, b}
+    decoder.cancel(a)
+    assert decoder.free_slots == 1 and decoder.add([7, 8], cfg) == a
+    finished = {}
+    while decoder.active:
+        finished.update({s: e for s, e in decoder.step().items() if e.finish_reason})
+    assert {s: e.finish_reason for s, e in finished.items()} == {a: "length", b: "length"}
+    with pytest.raises(ValueError, match="empty"):
+        decoder.add([], cfg)
+    with pytest.raises(ValueError, match="context"):
+        decoder.add([1] * 60, SamplingConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="token ids"):
+        decoder.add([50257], cfg)
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(max_new_tokens=0),
+                                 dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0),
+                                 dict(presence_penalty=3.0), dict(stop=[""]), dict(logprobs=-1)])
 def test_bad_sampling_parameters_raise(lm, bad):
     with pytest.raises(ValueError):
         lm.generate("hi", **{"max_new_tokens": 3, **bad})
@@ -58,9 +296,65 @@ def test_prompt_longer_than_context_raises(lm):
         lm.generate("word " * 100, max_new_tokens=2)
     with pytest.raises(ValueError, match="no prompts"):
         lm.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams"):
+        lm.generate("hi", num_beams=0)
 
 
-def test_utf8_split_holds_back_partial_characters():
-    data = "好".encode()
-    assert _split_utf8(data[:2]) == ("", data[:2])
-    assert _split_utf8(b"ab" + data) == ("ab好", b"")
+# --- CPU weight formats ----------------------------------------------------------------------------------------------
+
+def test_cpu_linear_layouts_give_the_same_results(peer):
+    _, model = peer
+    prepared = prepare_cpu_inference(copy.deepcopy(model))
+    assert isinstance(prepared.lm_head, CPULinear) and prepared.lm_head.weight is prepared.transformer.wte.weight
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    for length in (1, 20):  # one row (column-major GEMV) and several (oneDNN-packed GEMM)
+        tokens = torch.tensor(random_prompts([length], seed=7))
+        with torch.inference_mode():
+            assert (prepared(tokens)[0] - model(tokens)[0]).abs().max() <= 1e-4
+    prepared.train()  # training falls back to F.linear, gradients flow
+    prepared(tokens, tokens)[1].backward()
+    assert prepared.lm_head.weight.grad is not None
+
+
+def test_int8_model_stays_close_to_float(peer, tokenizer):
+    _, model = peer
+    quantized = quantize_int8(copy.deepcopy(model))
+    tokens = torch.tensor(random_prompts([48], seed=5))
+    with torch.no_grad():
+        exact, approx = model(tokens)[0], quantized(tokens)[0]
+    # relative RMS error ~2.5% with VNNI (8-bit activations), ~4% without (7-bit)
+    assert (approx - exact).pow(2).mean().sqrt() <= 0.06 * exact.pow(2).mean().sqrt()
+    assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.85
+    text = LanguageModel(quantized, tokenizer).generate("Hello", max_new_tokens=5, **GREEDY)[0]
+    assert len(tokenizer.encode(text)) >= 4
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(lm, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "model.pt"
+    checkpoint.save(path, {"model": lm.model.state_dict(), "model_config": lm.model.config.to_dict(),
+                           "tokenizer": lm.tokenizer.to_dict(), "step": 0})
+    return path
+
+
+def test_cli_generate_stream_beams_int8(ckpt, lm):
+    common = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"]
+    plain = run_cli(*common, "--prompt", "Hello", "--prompt", "The")
+    assert plain.returncode == 0, plain.stderr
+    expected = lm.generate(["Hello", "The"], max_new_tokens=8, **GREEDY)
+    assert plain.stdout == f"Hello{expected[0]}\n\nThe{expected[1]}\n"
+    streamed = run_cli(*common, "--prompt", "Hello", "--stream", "--stop", expected[0][3:6])
+    assert streamed.returncode == 0 and streamed.stdout == "Hello" + expected[0][: expected[0].index(expected[0][3:6])] + "\n"
+    beams = run_cli(*common, "--prompt", "Hello", "--num-beams", "3", "--quantize", "int8")
+    assert beams.returncode == 0 and beams.stdout.startswith("Hello"), beams.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [(["--top-p", "1.5"], "top_p"), (["--quantize", "int4"], "invalid choice"),
+                                          (["--stream", "--num-beams", "2"], "--stream")])
+def test_cli_bad_generation_flags_exit_2(ckpt, flags, needle):
+    result = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "hi", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr

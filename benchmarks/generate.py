@@ -1,0 +1,172 @@
+"""Generation speed: gptlab vs Hugging Face transformers on the same random-init GPT-2 124M, same run.
+
+    python benchmarks/generate.py            # median of 3 timed runs per case, 128 new tokens
+    python benchmarks/generate.py --quick    # the same cases, 1 timed run of 32 new tokens
+
+Cases (CPU, 2 threads, greedy, after a warm-up run, no EOS stop):
+  b1       batch 1, 32-token prompt, both float32
+  b8       batch 8, prompts of mixed lengths (16..32 tokens), both float32
+  b1-int8  gptlab with int8 weights vs transformers float32, batch 1; also prints the perplexity of
+           both gptlab models on the bundled validation text (the held-out Shakespeare plays)
+Each case prints one JSON line; `floor_ms_per_step` is the memory-bandwidth floor of a decode step
+(bytes of weights and KV cache read per step / measured read bandwidth), `identical` whether our
+greedy tokens equal transformers' (float32 cases). Add `--ckpt RUN` to also measure the int8
+perplexity change of a trained gptlab checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from gptlab import checkpoint, hf
+from gptlab.data import is_shakespeare_val, shakespeare_documents
+from gptlab.generate import LanguageModel, SamplingConfig
+from gptlab.model import GPT
+from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.tokenizer import Tokenizer
+from gptlab.tokenizer import load as load_tokenizer
+
+B8_LENGTHS = [32, 17, 25, 30, 16, 28, 21, 32]
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a streaming read of 1 GiB (best of 3)."""
+    data = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * data.element_size() / best
+
+
+def decode_bytes(model: GPT) -> int:
+    """Bytes of parameters a decode step reads: every matrix and norm once (the tied head reads the
+    token embedding; embedding lookups read single rows, so the tables do not count otherwise)."""
+    tensors, total = {}, 0
+    for name, module in model.named_modules():
+        if name.endswith(("wte", "wpe")):
+            continue
+        if isinstance(module, Int8Linear):  # int8 weights, float32 bias and scales
+            total += module.in_features * module.out_features + 8 * module.out_features
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensors[t.data_ptr()] = t.numel() * t.element_size()
+    return total + sum(tensors.values())
+
+
+def kv_bytes_per_step(model: GPT, lengths: list[int], new_tokens: int) -> float:
+    cfg = model.config
+    mean_len = sum(lengths) / len(lengths) + new_tokens / 2
+    return 2 * cfg.n_layer * cfg.n_embd * 4 * mean_len * len(lengths)
+
+
+def timed_pair(ours, peer, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of each after a warm-up; the runs alternate, so load from other processes on a
+    shared machine hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    results = [None, None]
+    for i in range(repeats + 1):
+        for j, fn in enumerate((ours, peer)):
+            start = time.perf_counter()
+            results[j] = fn()
+            if i:  # the first round is the warm-up
+                times[j].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' generate with left padding and an attention mask (its batching recipe)."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def validation_perplexity(model: GPT, tokenizer: Tokenizer, max_tokens: int) -> float:
+    """Perplexity over non-overlapping context-size windows of the held-out Shakespeare plays."""
+    text = "\n\n".join(d.text for d in shakespeare_documents() if is_shakespeare_val(d))
+    ids = torch.tensor(tokenizer.encode(text)[: max_tokens + 1])
+    block = model.config.block_size
+    nats, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.numel() - 1, block):
+            x = ids[start: start + block][None]
+            y = ids[start + 1: start + 1 + block][None]
+            x = x[:, : y.size(1)]
+            logits = model(x)[0].float()
+            nats += torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum").item()
+            count += y.numel()
+    return math.exp(nats / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 timed run of 32 new tokens per case")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="b1,b8,b1-int8")
+    parser.add_argument("--ckpt", help="a trained gptlab checkpoint: also report its int8 perplexity change")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats, new_tokens, ppl_tokens = (1, 32, 4096) if args.quick else (3, 128, 16384)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    peer = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)).eval()
+    ours_model = GPT(hf.config_from_hf(peer.config.to_dict()))
+    checkpoint.load_weights(ours_model, hf.state_from_hf(peer.state_dict()))
+    tokenizer = load_tokenizer("gpt2")
+    bandwidth = read_bandwidth()
+    gen = torch.Generator().manual_seed(1)
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    for case in args.cases.split(","):
+        lengths = B8_LENGTHS if case == "b8" else [32]
+        prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
+        model, extra = ours_model, {}
+        if case == "b1-int8":
+            model = quantize_int8(copy.deepcopy(ours_model))
+            fp32_ppl = validation_perplexity(ours_model, tokenizer, ppl_tokens)
+            int8_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
+            extra = {"ppl_fp32": round(fp32_ppl, 2), "ppl_int8": round(int8_ppl, 2),
+                     "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3), "ppl_tokens": ppl_tokens}
+        lm = LanguageModel(model, tokenizer, max_batch=len(prompts))
+        ours_s, peer_s, ours_out, peer_out = timed_pair(lambda lm=lm, p=prompts: lm.complete(p, cfg),
+                                                        lambda p=prompts: hf_generate(peer, p, new_tokens), repeats)
+        if case != "b1-int8":
+            extra["identical"] = [c.token_ids for c in ours_out] == peer_out
+        floor_s = (decode_bytes(model) + kv_bytes_per_step(model, lengths, new_tokens)) / bandwidth
+        tokens = len(prompts) * new_tokens
+        print(json.dumps({
+            "bench": "generate", "case": case, "ours_tok_s": round(tokens / ours_s, 1),
+            "peer_tok_s": round(tokens / peer_s, 1), "ratio": round(peer_s / ours_s, 2),
+            "ours_ms_per_step": round(1000 * ours_s / new_tokens, 1),
+            "peer_ms_per_step": round(1000 * peer_s / new_tokens, 1),
+            "floor_ms_per_step": round(1000 * floor_s, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "new_tokens": new_tokens, "repeats": repeats, **extra}), flush=True)
+
+    if args.ckpt:
+        model, tokenizer = checkpoint.load_model(args.ckpt)
+        model.eval()
+        fp32_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
+        int8_ppl = validation_perplexity(quantize_int8(copy.deepcopy(model)), tokenizer, ppl_tokens)
+        print(json.dumps({"bench": "generate", "case": "int8-ppl", "ckpt": args.ckpt, "ppl_fp32": round(fp32_ppl, 3),
+                          "ppl_int8": round(int8_ppl, 3), "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3),
+                          "ppl_tokens": ppl_tokens}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

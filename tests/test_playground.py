@@ -1,0 +1,81 @@
+"""The playground page in headless Chromium (the system's browser, driven by Playwright): type, see it stream."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("GPTLAB_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install chromium chromium-driver)")
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_playground_streams_a_reply(server, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 640})
+    page.goto(server.url + "/")
+    assert page.title() == "gptlab playground"
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#model:has-text('model: tiny-chat')", timeout=10_000)
+
+    page.eval_on_selector("#temperature", "el => { el.value = '1'; el.dispatchEvent(new Event('input')); }")
+    page.fill("#max-tokens", "150")
+    page.fill("#input", "Hello! Who are you?")
+    page.press("#input", "Enter")
+    # caught mid-stream: part of the reply is on screen while the rest is still being generated
+    partial = page.wait_for_function("""() => {
+        const reply = document.querySelector('.msg.assistant.streaming .text');
+        return reply && reply.textContent.length > 0 && reply.textContent; }""", polling=20, timeout=30_000)
+    partial = partial.json_value()
+    reply = page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+    final = reply.query_selector(".text").text_content()
+
+    assert page.text_content(".msg.user .text") == "Hello! Who are you?"
+    assert not page.query_selector(".msg.error")
+    assert final.startswith(partial) and len(final) > len(partial)
+    assert int(reply.get_attribute("data-chunks")) > 1
+    stats = page.text_content("#stats")
+    assert re.match(r"\d+ tokens in [\d.]+ s · first token after [\d.]+ s", stats), stats
+
+    # a second turn: the history goes along, and the page shows both exchanges
+    page.fill("#max-tokens", "24")
+    page.fill("#input", "Tell me more.")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='true']\").length == 2",
+                           timeout=30_000)
+    assert len(page.query_selector_all(".msg.user")) == 2
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground.png"))
+    page.close()
+
+
+def test_playground_shows_api_errors(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.fill("#api-key", "wrong-key")
+    page.dispatch_event("#api-key", "change")
+    page.fill("#input", "Hello")
+    page.press("#input", "Enter")
+    error = page.wait_for_selector(".msg.error", timeout=10_000)
+    assert "invalid API key" in error.text_content()
+    page.close()
