@@ -5,7 +5,9 @@ precision and thread count. One step is forward + backward + AdamW + zero_grad.
 
 * Throughput: both models live in one fresh process and their steps alternate (ours, peer, peer,
   ours, ...), so bursts of load from other programs on a shared CPU hit both sides alike; each side's
-  median step time gives its tokens/s.
+  median step time gives its tokens/s. Also reported: tokens per CPU-second of the process (median),
+  which time spent waiting for a busy CPU does not inflate (with --threads 1 it is the speed an idle core
+  would give; with more threads it also counts OpenMP threads spinning while they wait for each other).
 * Peak memory: one fresh process per side running a few steps, so one model's peak resident memory
   (ru_maxrss) cannot leak into the other's. Both processes import both libraries (same baseline).
 
@@ -79,28 +81,35 @@ def prepare(impl: str, case_name: str, precision: str):
                            generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step() -> float:
-        started = time.perf_counter()
+    def step() -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one step."""
+        wall, cpu = time.perf_counter(), time.process_time()
         with autocast(device, precision):
             loss = loss_of(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     return step, x.numel()
 
 
 def speed(case: str, precision: str) -> dict[str, float]:
+    """Median tokens per wall second and per CPU second of each side, steps alternating."""
     steps = {impl: prepare(impl, case, precision) for impl in ("ours", "peer")}
     warmup, timed = STEPS[case]
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "peer": []}
     for i in range(warmup + timed):
         for impl in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
             seconds = steps[impl][0]()
             if i >= warmup:
                 times[impl].append(seconds)
-    return {impl: steps[impl][1] / statistics.median(times[impl]) for impl in times}
+    result = {}
+    for impl, samples in times.items():
+        tokens = steps[impl][1]
+        result[impl] = tokens / statistics.median(wall for wall, _ in samples)
+        result[f"{impl}_cpu"] = tokens / statistics.median(cpu for _, cpu in samples)
+    return result
 
 
 def memory(impl: str, case: str, precision: str) -> dict[str, float]:
@@ -145,6 +154,9 @@ def main() -> None:
                 "bench": "train", "case": case, "precision": precision,
                 "ours_tok_s": round(tok_s["ours"], 1), "peer_tok_s": round(tok_s["peer"], 1),
                 "ratio": round(tok_s["ours"] / tok_s["peer"], 3),
+                # tokens per CPU-second of the process: immune to time spent waiting for a shared CPU
+                "ours_cpu_tok_s": round(tok_s["ours_cpu"], 1), "peer_cpu_tok_s": round(tok_s["peer_cpu"], 1),
+                "cpu_ratio": round(tok_s["ours_cpu"] / tok_s["peer_cpu"], 3),
                 "ours_peak_mb": round(peak["ours"]), "peer_peak_mb": round(peak["peer"]),
                 "peak_ratio": round(peak["ours"] / peak["peer"], 3),
                 "threads": args.threads, "timed_steps": STEPS[case][1], **CASES[case],
