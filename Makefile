@@ -31,6 +31,7 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/generate.py --quick
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
