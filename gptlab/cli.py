@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -66,19 +67,46 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from gptlab import distributed
+    from gptlab.metrics import require_tensorboard
     from gptlab.train import pretrain
 
     cfg = _train_config(args)
     if not cfg.resume and (Path(cfg.out) / "ckpt.pt").exists():
         _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if args.nproc < 1:
+        _fail(f"--nproc must be at least 1, got {args.nproc}")
+    if cfg.logger == "tensorboard":
+        require_tensorboard()  # before any process starts
+    if args.nproc > 1 and distributed.local_rank() is None:  # not yet under torchrun: become its launcher
+        raise SystemExit(distributed.launch(args.nproc, _without_nproc(args.argv)))
     try:
         result = pretrain(cfg)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint in {cfg.out} is intact; continue with --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    print(json.dumps({k: result[k] for k in ("step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint")}))
+    if os.environ.get("RANK", "0") == "0":  # one summary line per run, not per process
+        print(json.dumps({k: result.get(k) for k in ("step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint")}))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from gptlab.metrics import plot
+
+    print(json.dumps({"out": str(plot(args.run))}))
 
 
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -171,9 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: data/shakespeare)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="pretrain a model (defaults: tiny preset on Shakespeare)")
+    # no abbreviated flags: --nproc is removed from the command line handed to torchrun by exact name
+    p = sub.add_parser("train", help="pretrain a model (defaults: tiny preset on Shakespeare)", allow_abbrev=False)
     _add_train_flags(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (launches torchrun; default: 1)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw a run's loss, learning rate and tokens/s into RUN/loss.png")
+    p.add_argument("run", metavar="RUN", help="run directory (holds metrics.csv)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
@@ -243,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except USER_ERRORS as err:

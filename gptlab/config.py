@@ -107,6 +107,13 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "bf16-mixed"
     resume: bool = False
+    # scaling out (see docs/TRAINING.md); under torchrun, batch_size and grad_accum are per process
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the work: replicate or shard
+    global_batch_tokens: int | None = None  # if set, grad_accum = this / (batch_size * block_size * processes)
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
+    logger: Literal["csv", "tensorboard"] = "csv"  # metrics.csv is always written; tensorboard adds event files
+    peak_flops: float | None = None  # peak FLOP/s of one device, to report model FLOPs utilisation (MFU)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "ckpt_interval"):
@@ -125,6 +132,12 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16-mixed", "fp16-mixed"),
                f"precision must be fp32, bf16-mixed or fp16-mixed, got {self.precision!r}")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        _check(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        _check(self.global_batch_tokens is None or (isinstance(self.global_batch_tokens, int)
+                                                    and self.global_batch_tokens > 0),
+               f"global_batch_tokens must be a positive integer, got {self.global_batch_tokens!r}")
+        _check(self.logger in ("csv", "tensorboard"), f"logger must be csv or tensorboard, got {self.logger!r}")
+        _check(self.peak_flops is None or self.peak_flops > 0, f"peak_flops must be positive, got {self.peak_flops}")
         self.model_config()  # validates preset and overrides early
 
     def model_config(self) -> GPTConfig:

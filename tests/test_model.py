@@ -1,6 +1,8 @@
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from gptlab.model import GPT
 from tests.conftest import tiny_model_config
@@ -10,8 +12,11 @@ def test_forward_shapes_loss_and_tied_head():
     torch.manual_seed(0)
     model = GPT(tiny_model_config())
     x = torch.randint(0, 512, (3, 16))
-    logits, loss = model(x, x)
+    logits, _ = model(x)
     assert logits.shape == (3, 16, 512)
+    no_logits, loss = model(x, x)  # with targets only the (chunked) loss is computed
+    assert no_logits is None
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), x.flatten()).item(), rel=1e-6)
     # an untrained model predicts close to uniform: loss near ln(vocab)
     assert abs(loss.item() - math.log(512)) < 0.5
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
