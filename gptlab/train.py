@@ -4,8 +4,8 @@ clipping, mixed precision, periodic evaluation, metrics.csv, atomic checkpoints 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -24,8 +24,7 @@ from gptlab.tokenizer import Tokenizer
 
 Batch = Any  # whatever the task's loss function takes; (x, y) for language modelling
 DEFAULT_TOKENIZER = "bpe:4096"  # what `gptlab prepare` trains for the bundled corpus
-METRIC_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "tokens_per_s",
-                 "elapsed_s"]
+LM_METRICS = ("val_loss", "val_ppl", "val_bpb")  # what evaluate_lm reports
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -103,20 +102,22 @@ class Task:
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss
     count_tokens: Callable[[Batch], int] = batch_tokens
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved in checkpoints (tokenizer, task info)
+    metric_names: tuple[str, ...] = LM_METRICS  # the keys `evaluate` returns: the metrics.csv columns
 
 
 class MetricsLog:
     """metrics.csv in the run directory, appended row by row (a resumed run continues the file)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, metric_names: tuple[str, ...] = LM_METRICS) -> None:
         self.path = path
+        self.fields = ["step", "tokens", "train_loss", *metric_names, "lr", "tokens_per_s", "elapsed_s"]
         if not path.exists():
             with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRIC_FIELDS)
+                csv.writer(handle).writerow(self.fields)
 
     def write(self, row: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, METRIC_FIELDS).writerow({k: _fmt(v) for k, v in row.items()})
+            csv.DictWriter(handle, self.fields).writerow({k: _fmt(v) for k, v in row.items()})
 
 
 def _fmt(value: Any) -> Any:
@@ -154,7 +155,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         log(f"resumed from {ckpt_path} at step {step}")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
-    metrics = MetricsLog(out / "metrics.csv")
+    metrics = MetricsLog(out / "metrics.csv", task.metric_names)
 
     def save_checkpoint() -> None:
         checkpoint.save(ckpt_path, {

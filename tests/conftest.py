@@ -45,3 +45,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run `gptlab` as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, data_dir) -> Path:
+    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune."""
+    from gptlab.train import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained")
+    layout = {k: v for k, v in TINY_MODEL.items() if k != "vocab_size"}
+    pretrain(tiny_train_config(data_dir, out, max_steps=20, model={**layout, "block_size": 96}), log=lambda _: None)
+    return out
