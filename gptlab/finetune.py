@@ -99,10 +99,10 @@ def configs_from_sources(yaml_path: str | None, train_flags: dict[str, Any], fin
     """Fine-tuning defaults, then a YAML file (keys of either config), then flags (None = not given)."""
     finetune_keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
     loaded = load_yaml(yaml_path) if yaml_path else {}
-    given = lambda flags: {k: v for k, v in flags.items() if v is not None}  # noqa: E731
     train_values = {**TRAIN_DEFAULTS, **{k: v for k, v in loaded.items() if k not in finetune_keys},
-                    **given(train_flags)}
-    finetune_values = {**{k: v for k, v in loaded.items() if k in finetune_keys}, **given(finetune_flags)}
+                    **{k: v for k, v in train_flags.items() if v is not None}}
+    finetune_values = {**{k: v for k, v in loaded.items() if k in finetune_keys},
+                       **{k: v for k, v in finetune_flags.items() if v is not None}}
     try:
         return TrainConfig.from_sources(None, **train_values), FinetuneConfig(**finetune_values)
     except TypeError as err:
@@ -433,15 +433,17 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     log(f"{ft.task} / {ft.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%); "
         f"device {device}, {cfg.precision}")
     val = val[: ft.eval_items] if ft.eval_items else val
-    make_task = sft_task if ft.task == "sft" else classify_task
-    task = make_task(train, val, tokenizer, cfg, ft, device)
+    if ft.task == "sft":
+        task = sft_task(train, val, tokenizer, cfg, ft.max_new_tokens)
+    else:
+        task = classify_task(train, val, tokenizer, cfg)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
                         "finetune": {"config": ft.to_dict(), "base": base, "labels": labels}}
     return fit(model, cfg, task, device, log)
 
 
 def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenizer, cfg: TrainConfig,
-             ft: FinetuneConfig, device: torch.device) -> Task:
+             max_new_tokens: int) -> Task:
     sampler = EpochSampler(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
     pad = tokenizer.eot_id
 
@@ -450,14 +452,14 @@ def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenize
 
     def evaluate_sft(model: FinetuneModel) -> dict[str, float]:
         return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision),
-                **generation_scores(model, val, tokenizer, ft.max_new_tokens, cfg.precision)}
+                **generation_scores(model, val, tokenizer, max_new_tokens, cfg.precision)}
 
     return Task(sample_batch=sample_batch, evaluate=evaluate_sft,
                 metric_names=("val_loss", *evaluate.GENERATION_METRICS))
 
 
 def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], tokenizer: Tokenizer,
-                  cfg: TrainConfig, ft: FinetuneConfig, device: torch.device) -> Task:
+                  cfg: TrainConfig) -> Task:
     sampler = EpochSampler(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
     pad = tokenizer.eot_id
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from gptlab import checkpoint, cli, datasets, finetune
+from gptlab import checkpoint, cli, finetune
 from gptlab import tokenizer as tok
 from gptlab.data import DataError
 from gptlab.finetune import FinetuneConfig, Message
@@ -16,7 +16,8 @@ from tests.conftest import run_cli, tiny_model_config
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "charming"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "clumsy"]
-SUBJECTS = ["the film", "this play", "the acting", "his speech", "the plot", "her song", "the ending"]
+SUBJECTS = ["the film", "this play", "the acting", "his speech", "the plot", "her song", "the ending", "the music",
+            "that scene", "our dinner", "the show", "my book"]
 
 
 def _write_jsonl(path, records):
@@ -24,27 +25,32 @@ def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _sentiment(root, record):
+    """A small task a tiny model learns in seconds: val holds subject/adjective pairs unseen in training
+    (every adjective is seen, with other subjects)."""
+    rows = [(i + j, record(f"{subject} was {adjective}.", adjective in POSITIVE))
+            for i, subject in enumerate(SUBJECTS) for j, adjective in enumerate(POSITIVE + NEGATIVE)]
+    _write_jsonl(root / "train.jsonl", [r for k, r in rows if k % 4])
+    _write_jsonl(root / "val.jsonl", [r for k, r in rows if not k % 4])
+    return root
+
+
 @pytest.fixture(scope="module")
 def sentiment_dir(tmp_path_factory):
-    """A small, clearly separable classification task (held-out subject/adjective pairs in val)."""
-    root = tmp_path_factory.mktemp("sentiment")
-    rows = [{"text": f"{s} was {a}.", "label": "pos" if a in POSITIVE else "neg"}
-            for s in SUBJECTS for a in POSITIVE + NEGATIVE]
-    _write_jsonl(root / "train.jsonl", [r for i, r in enumerate(rows) if i % 4])
-    _write_jsonl(root / "val.jsonl", [r for i, r in enumerate(rows) if not i % 4])
-    return root
+    return _sentiment(tmp_path_factory.mktemp("sentiment"),
+                      lambda text, positive: {"text": text, "label": "pos" if positive else "neg"})
+
+
+@pytest.fixture(scope="module")
+def sentiment_sft_dir(tmp_path_factory):
+    return _sentiment(tmp_path_factory.mktemp("sentiment-sft"),
+                      lambda text, positive: {"instruction": "Is this review positive or negative?", "input": text,
+                                              "output": "positive" if positive else "negative"})
 
 
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
     return tok.load("gpt2")
-
-
-@pytest.fixture(scope="module")
-def dates_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dates")
-    datasets.build("synthetic-dates", root / "dates")
-    return root / "dates"
 
 
 def _run(tmp_path, init, data, name, log=lambda _: None, **settings):
@@ -145,15 +151,15 @@ def test_dropped_and_cut_examples_are_counted(tmp_path, tiny_pretrained):
 
 
 # --- training --------------------------------------------------------------------------------------
-def test_sft_learns_held_out_dates_from_the_command_line(tmp_path, tiny_pretrained, dates_dir):
-    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one)."""
-    result = run_cli("finetune", "--init", str(tiny_pretrained), "--data", str(dates_dir), "--out",
-                     str(tmp_path / "sft"), "--task", "sft", "--method", "full", "--max-steps", "200",
-                     "--batch-size", "16", "--lr", "3e-3", "--eval-interval", "200", "--eval-items", "100",
-                     "--precision", "fp32")
+def test_sft_answers_held_out_items_from_the_command_line(tmp_path, tiny_pretrained, sentiment_sft_dir):
+    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one on dates)."""
+    result = run_cli("finetune", "--init", str(tiny_pretrained), "--data", str(sentiment_sft_dir), "--out",
+                     str(tmp_path / "sft"), "--task", "sft", "--method", "full", "--max-steps", "250",
+                     "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "5", "--eval-interval", "250",
+                     "--eval-items", "0", "--precision", "fp32")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["exact_match"] >= 0.5, summary
+    assert summary["exact_match"] >= 0.9, summary
     assert "sft / full: training" in result.stdout and "(100.000%)" in result.stdout
     header = (tmp_path / "sft" / "metrics.csv").read_text().splitlines()[0]
     assert header == "step,tokens,train_loss,val_loss,exact_match,chrf,bleu,rouge_l,lr,tokens_per_s,elapsed_s"
@@ -190,10 +196,10 @@ def test_freeze_trains_only_the_top_blocks_and_the_head(tmp_path, tiny_pretraine
     assert all(k.startswith(("gpt.transformer.h.1.", "gpt.transformer.ln_f.", "head.")) for k in saved)
 
 
-def test_lora_run_resumes_exactly(tmp_path, tiny_pretrained, dates_dir, monkeypatch):
+def test_lora_run_resumes_exactly(tmp_path, tiny_pretrained, sentiment_sft_dir, monkeypatch):
     settings = dict(task="sft", method="lora", lora_dropout=0.1, max_steps=6, ckpt_interval=3, eval_items=4,
                     max_new_tokens=4)
-    _run(tmp_path, tiny_pretrained, dates_dir, "straight", **settings)
+    _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "straight", **settings)
     real_batch, calls = finetune.sft_batch, []
 
     def interrupted_after_three_steps(*args):
@@ -204,14 +210,14 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_pretrained, dates_dir, monkeypa
 
     monkeypatch.setattr(finetune, "sft_batch", interrupted_after_three_steps)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, tiny_pretrained, dates_dir, "split", **settings)
+        _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "split", **settings)
     monkeypatch.setattr(finetune, "sft_batch", real_batch)
-    _run(tmp_path, tiny_pretrained, dates_dir, "split", resume=True, **settings)
+    _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "split", resume=True, **settings)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
 
 
-def test_merge_lora_gives_a_standalone_checkpoint(tmp_path, tiny_pretrained, dates_dir, capsys):
-    _run(tmp_path, tiny_pretrained, dates_dir, "run", task="sft", method="lora", eval_items=4, max_new_tokens=4)
+def test_merge_lora_gives_a_standalone_checkpoint(tmp_path, tiny_pretrained, sentiment_sft_dir, capsys):
+    _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "run", task="sft", method="lora", eval_items=4, max_new_tokens=4)
     cli.main(["merge-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged.pt")])
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "merged.pt")
     merged = checkpoint.load(tmp_path / "merged.pt")

@@ -93,7 +93,8 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     exported = json.loads(capsys.readouterr().out)
     adapter_config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == sorted(ALL)
-    assert exported["adapter_params"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # blocks * rank * (in + out)
+    # blocks * rank * (in + out) of each adapted matrix, 64 wide
+    assert exported["adapter_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
 
     ours, _, _ = finetune.load_finetuned(tmp_path / "run")
     tokens = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
