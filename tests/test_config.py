@@ -11,7 +11,8 @@ def test_presets_build_and_match_gpt2_sizes():
 
 
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.5),
-                                 dict(pos_encoding="rotary"), dict(vocab_size=-1)])
+                                 dict(pos_encoding="rotary"), dict(vocab_size=-1),
+                                 dict(n_embd=1 << 20, n_head=1)])
 def test_invalid_model_config_is_rejected(bad):
     with pytest.raises(ConfigError):
         GPTConfig(**bad)
@@ -23,7 +24,8 @@ def test_unknown_preset_names_the_choices():
 
 
 @pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(max_steps=0), dict(batch_size=-4), dict(min_lr=1.0),
-                                 dict(precision="fp8"), dict(preset="nope"), dict(model={"n_head": 5})])
+                                 dict(precision="fp8"), dict(preset="nope"), dict(model={"n_head": 5}),
+                                 dict(batch_size=10**7)])
 def test_invalid_train_config_is_rejected(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad)
