@@ -62,10 +62,12 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    import sacrebleu
+    """Corpus BLEU; n-gram orders that no reference reaches are left out (sacrebleu's effective order), so
+    outputs shorter than four words (dates, labels, short translations) still score, up to 100 when exact."""
+    from sacrebleu.metrics import BLEU
 
     _check_lengths(hypotheses, references)
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+    return BLEU(effective_order=True).corpus_score(list(hypotheses), [list(references)]).score
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:

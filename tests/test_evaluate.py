@@ -32,6 +32,9 @@ def test_generation_metrics_from_sacrebleu_and_rouge_score():
     assert evaluate.rouge_l(["the cat on the mat"], refs[:1]) == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
     unrelated = evaluate.generation_metrics(["xyz qqq", "zzz"], refs)
     assert unrelated["bleu"] == 0.0 and unrelated["rouge_l"] == 0.0 and unrelated["chrf"] < 5
+    dates = ["5 April 2023", "29 February 2024"]  # three words: no 4-grams, yet exact outputs score 100
+    assert evaluate.bleu(dates, dates) == pytest.approx(100.0)
+    assert 0 < evaluate.bleu(["5 April 2023", "28 February 2024"], dates) < 100
     partial = evaluate.generation_metrics(["the cat sat on a mat", "a dog"], refs)
     assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100 and partial["exact_match"] == 0.0
 
