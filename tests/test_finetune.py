@@ -11,6 +11,7 @@ from gptlab import tokenizer as tok
 from gptlab.data import DataError
 from gptlab.finetune import FinetuneConfig, Message
 from gptlab.generate import LanguageModel
+from gptlab.metrics import metric_fields
 from gptlab.model import GPT
 from tests.conftest import run_cli, tiny_model_config
 
@@ -164,7 +165,7 @@ def test_sft_answers_held_out_items_from_the_command_line(tmp_path, tiny_pretrai
     assert summary["exact_match"] >= always_the_majority + 0.1, summary
     assert "sft / full: training" in result.stdout and "(100.000%)" in result.stdout
     header = (tmp_path / "sft" / "metrics.csv").read_text().splitlines()[0]
-    assert header == "step,tokens,train_loss,val_loss,exact_match,chrf,bleu,rouge_l,lr,tokens_per_s,elapsed_s"
+    assert header == ",".join(metric_fields(("val_loss", "exact_match", "chrf", "bleu", "rouge_l")))
 
 
 def test_lora_classifier_saves_only_adapters_and_eval_task_reproduces_it(tmp_path, tiny_pretrained,
@@ -223,7 +224,7 @@ def test_merge_lora_gives_a_standalone_checkpoint(tmp_path, tiny_pretrained, sen
          max_new_tokens=4)
     capsys.readouterr()
     cli.main(["merge-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged.pt")])
-    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "merged.pt")
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == str(tmp_path / "merged.pt")
     merged = checkpoint.load(tmp_path / "merged.pt")
     assert "finetune" not in merged and not any("lora" in k for k in merged["model"])
     prompt = finetune.render_chat([Message("user", "Spell out this date.\n\n1999-12-31")], generation_prompt=True)
