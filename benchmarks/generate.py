@@ -19,19 +19,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
+import os
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from gptlab import checkpoint, hf
-from gptlab.data import is_shakespeare_val, shakespeare_documents
+from gptlab.data import TokenData, prepare
 from gptlab.generate import LanguageModel, SamplingConfig
 from gptlab.model import GPT
 from gptlab.quantize import Int8Linear, quantize_int8
 from gptlab.tokenizer import Tokenizer
 from gptlab.tokenizer import load as load_tokenizer
+from gptlab.train import evaluate_lm
 
 B8_LENGTHS = [32, 17, 25, 30, 16, 28, 21, 32]
 
@@ -95,21 +99,19 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return out[:, width:].tolist()
 
 
-def validation_perplexity(model: GPT, tokenizer: Tokenizer, max_tokens: int) -> float:
-    """Perplexity over non-overlapping context-size windows of the held-out Shakespeare plays."""
-    text = "\n\n".join(d.text for d in shakespeare_documents() if is_shakespeare_val(d))
-    ids = torch.tensor(tokenizer.encode(text)[: max_tokens + 1])
-    block = model.config.block_size
-    nats, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, block):
-            x = ids[start: start + block][None]
-            y = ids[start + 1: start + 1 + block][None]
-            x = x[:, : y.size(1)]
-            logits = model(x)[0].float()
-            nats += torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum").item()
-            count += y.numel()
-    return math.exp(nats / count)
+def int8_perplexity_change(model: GPT, tokenizer: Tokenizer, windows: int, tmp: Path) -> dict:
+    """Validation perplexity of `model` in float32 and int8 on the bundled corpus' held-out plays
+    (`gptlab prepare` with the model's tokenizer, then train.evaluate_lm over `windows` full contexts)."""
+    tokenizer.save(tmp / "tokenizer")
+    prepare(None, str(tmp / "tokenizer"), tmp / "data")
+    data = TokenData(tmp / "data")
+    ppl = {}
+    for name, candidate in (("fp32", model), ("int8", quantize_int8(copy.deepcopy(model)))):
+        with torch.inference_mode():
+            ppl[name] = evaluate_lm(candidate, data, 1, torch.device("cpu"), "fp32", max_batches=windows)["val_ppl"]
+    return {"ppl_fp32": round(ppl["fp32"], 3), "ppl_int8": round(ppl["int8"], 3),
+            "ppl_change_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 3),
+            "ppl_tokens": windows * model.config.block_size}
 
 
 def main() -> None:
@@ -120,7 +122,8 @@ def main() -> None:
     parser.add_argument("--ckpt", help="a trained gptlab checkpoint: also report its int8 perplexity change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats, new_tokens, ppl_tokens = (1, 32, 4096) if args.quick else (3, 128, 16384)
+    repeats, new_tokens, ppl_windows = (1, 32, 2) if args.quick else (3, 128, 8)
+    tmp = Path(tempfile.mkdtemp(prefix="gptlab-bench-"))
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -139,10 +142,7 @@ def main() -> None:
         model, extra = ours_model, {}
         if case == "b1-int8":
             model = quantize_int8(copy.deepcopy(ours_model))
-            fp32_ppl = validation_perplexity(ours_model, tokenizer, ppl_tokens)
-            int8_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
-            extra = {"ppl_fp32": round(fp32_ppl, 2), "ppl_int8": round(int8_ppl, 2),
-                     "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3), "ppl_tokens": ppl_tokens}
+            extra = int8_perplexity_change(ours_model, tokenizer, ppl_windows, tmp / case)
         lm = LanguageModel(model, tokenizer, max_batch=len(prompts))
         ours_s, peer_s, ours_out, peer_out = timed_pair(lambda lm=lm, p=prompts: lm.complete(p, cfg),
                                                         lambda p=prompts: hf_generate(peer, p, new_tokens), repeats)
@@ -156,16 +156,15 @@ def main() -> None:
             "ours_ms_per_step": round(1000 * ours_s / new_tokens, 1),
             "peer_ms_per_step": round(1000 * peer_s / new_tokens, 1),
             "floor_ms_per_step": round(1000 * floor_s, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 1),
-            "new_tokens": new_tokens, "repeats": repeats, **extra}), flush=True)
+            "new_tokens": new_tokens, "repeats": repeats, "threads": args.threads,
+            "load_avg_1m": round(os.getloadavg()[0], 1), **extra}), flush=True)
 
     if args.ckpt:
         model, tokenizer = checkpoint.load_model(args.ckpt)
-        model.eval()
-        fp32_ppl = validation_perplexity(model, tokenizer, ppl_tokens)
-        int8_ppl = validation_perplexity(quantize_int8(copy.deepcopy(model)), tokenizer, ppl_tokens)
-        print(json.dumps({"bench": "generate", "case": "int8-ppl", "ckpt": args.ckpt, "ppl_fp32": round(fp32_ppl, 3),
-                          "ppl_int8": round(int8_ppl, 3), "ppl_change_pct": round(100 * (int8_ppl / fp32_ppl - 1), 3),
-                          "ppl_tokens": ppl_tokens}), flush=True)
+        windows = 64 if not args.quick else 8  # a small model's context is short: more windows, same cost
+        print(json.dumps({"bench": "generate", "case": "int8-ppl", "ckpt": args.ckpt,
+                          **int8_perplexity_change(model.eval(), tokenizer, windows, tmp / "ckpt")}), flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -77,4 +77,7 @@ def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
         from gptlab import hf
         return hf.load_hf(path)
     payload = load(path)
+    if "finetune" in payload:  # a `gptlab finetune` run: rebuilt on its base model, LoRA merged in
+        from gptlab import finetune
+        return finetune.standalone_gpt(payload)
     return model_from_payload(payload), Tokenizer.from_dict(payload["tokenizer"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from gptlab.checkpoint import CheckpointError
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import DataError
+from gptlab.datasets import SOURCES
 from gptlab.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, OSError)
@@ -29,29 +30,38 @@ def _fail(message: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (so the YAML keys and the flags can never drift apart)."""
-    parser.add_argument("--config", help="YAML file of training settings (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, defaults: dict | None = None) -> None:
+    """One flag per config dataclass field (so the YAML keys and the flags can never drift apart)."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
         if field.name == "model":
             continue
         flag = "--" + field.name.replace("_", "-")
+        default = (defaults or {}).get(field.name, field.default)
         if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", default=None)
             continue
         hint = hints[field.name]
         if typing.get_origin(hint) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), help=f"default: {field.default}")
+            parser.add_argument(flag, choices=typing.get_args(hint), help=f"default: {default}")
             continue
         base = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))  # X | None -> X
-        parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {field.default}")
+        parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {default}")
+
+
+def _flags(args: argparse.Namespace, config_class: type) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if f.name != "model"}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of training settings (flags override it)")
+    _add_config_flags(parser, TrainConfig)
     for name, kind in MODEL_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help="model override")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    flags = _flags(args, TrainConfig)
     model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if model:
         flags["model"] = model
@@ -79,27 +89,36 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _run_training(cfg: TrainConfig, args: argparse.Namespace, run: typing.Callable[[], dict]) -> dict | None:
+    """Start or resume a run (never over an existing checkpoint without --resume), as torchrun's launcher
+    when --nproc > 1; returns the result on rank 0 only (one summary line per run, not per process)."""
     from gptlab import distributed
     from gptlab.metrics import require_tensorboard
-    from gptlab.train import pretrain
 
-    cfg = _train_config(args)
     if not cfg.resume and (Path(cfg.out) / "ckpt.pt").exists():
         _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if args.nproc < 1:
-        _fail(f"--nproc must be at least 1, got {args.nproc}")
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        _fail(f"--nproc must be at least 1, got {nproc}")
     if cfg.logger == "tensorboard":
         require_tensorboard()  # before any process starts
-    if args.nproc > 1 and distributed.local_rank() is None:  # not yet under torchrun: become its launcher
-        raise SystemExit(distributed.launch(args.nproc, _without_nproc(args.argv)))
+    if nproc > 1 and distributed.local_rank() is None:  # not yet under torchrun: become its launcher
+        raise SystemExit(distributed.launch(nproc, _without_nproc(args.argv)))
     try:
-        result = pretrain(cfg)
+        result = run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint in {cfg.out} is intact; continue with --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    if os.environ.get("RANK", "0") == "0":  # one summary line per run, not per process
+    return result if os.environ.get("RANK", "0") == "0" else None
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gptlab.train import pretrain
+
+    cfg = _train_config(args)
+    result = _run_training(cfg, args, lambda: pretrain(cfg))
+    if result is not None:
         print(json.dumps({k: result.get(k) for k in ("step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint")}))
 
 
@@ -111,6 +130,40 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from gptlab.finetune import FinetuneConfig, configs_from_sources, finetune
+
+    cfg, ft = configs_from_sources(args.config, _flags(args, TrainConfig), _flags(args, FinetuneConfig))
+    result = _run_training(cfg, args, lambda: finetune(cfg, ft))
+    if result is not None:
+        print(json.dumps(result))
+
+
+def cmd_eval_task(args: argparse.Namespace) -> None:
+    from gptlab.evaluate import eval_task
+
+    print(json.dumps(eval_task(args.ckpt, args.data, max_items=args.max_items, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, device=args.device, precision=args.precision)))
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    from gptlab.finetune import merge_checkpoint
+
+    print(json.dumps(merge_checkpoint(args.ckpt, args.out)))
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from gptlab.finetune import export_peft
+
+    print(json.dumps(export_peft(args.ckpt, args.out)))
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from gptlab.datasets import build
+
+    print(json.dumps({"out": args.out or f"data/{args.name}", **build(args.name, args.out)}, ensure_ascii=False))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -209,6 +262,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's loss, learning rate and tokens/s into RUN/loss.png")
     p.add_argument("run", metavar="RUN", help="run directory (holds metrics.csv)")
     p.set_defaults(func=cmd_plot)
+
+    from gptlab.finetune import TRAIN_DEFAULTS, FinetuneConfig
+
+    p = sub.add_parser("finetune", help="adapt a pretrained model to a task (sft | classify; full | lora | freeze)")
+    p.add_argument("--config", help="YAML file of training and fine-tuning settings (flags override it)")
+    _add_config_flags(p, TrainConfig, TRAIN_DEFAULTS)
+    _add_config_flags(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--data", required=True, help="JSONL file ({text,label} or instruction/chat records)")
+    p.add_argument("--max-items", type=int, help="score only the first N items")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), default="fp32")
+    p.set_defaults(func=cmd_eval_task)
+
+    p = sub.add_parser("merge-lora", help="a full, self-contained checkpoint from a fine-tuning run")
+    p.add_argument("--ckpt", required=True, help="a `gptlab finetune` run directory or checkpoint")
+    p.add_argument("--out", required=True, help="output checkpoint file")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("export-lora", help="OUT/base (HF GPT-2) + OUT/adapter (PEFT) from a LoRA SFT run")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_lora)
+
+    p = sub.add_parser("data", help="example fine-tuning datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    d = dsub.add_parser("build", help="write NAME's train/val/test JSONL from an installed package")
+    d.add_argument("name", choices=list(SOURCES), metavar="NAME", help=", ".join(SOURCES))
+    d.add_argument("--out", help="output directory (default: data/NAME)")
+    d.set_defaults(func=cmd_data_build)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")

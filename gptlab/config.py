@@ -19,6 +19,18 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def load_yaml(yaml_path: str) -> dict[str, Any]:
+    """A YAML file of settings, as a mapping."""
+    path = Path(yaml_path)
+    _check(path.is_file(), f"config file not found: {yaml_path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
+    _check(isinstance(loaded, dict), f"config file {yaml_path} must hold a mapping")
+    return loaded
+
+
 # upper bounds that catch typos (an extra zero) before they become an out-of-memory crash
 MODEL_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 17, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
 
@@ -89,8 +101,8 @@ class TrainConfig:
     data: str = "data/shakespeare"
     out: str = "runs/tiny"
     init: str | None = None  # a gptlab checkpoint or Hugging Face GPT-2 directory to start from
-    # the defaults are the `tiny` run: ~4.7M tokens (3.3 epochs of the bundled corpus) in < 10 min on 2 cores
-    max_steps: int = 1150
+    # the defaults are the `tiny` run: ~4.1M tokens (2.8 epochs of the bundled corpus) in < 10 min on 2 cores
+    max_steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -100,7 +112,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    eval_interval: int = 575
+    eval_interval: int = 500
     eval_batches: int | None = None  # None: the full validation split
     ckpt_interval: int = 250
     seed: int = 1337
@@ -149,16 +161,7 @@ class TrainConfig:
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **flags: Any) -> TrainConfig:
         """Build from an optional YAML file, then flags (flags win; None means 'not given')."""
-        values: dict[str, Any] = {}
-        if yaml_path:
-            path = Path(yaml_path)
-            _check(path.is_file(), f"config file not found: {yaml_path}")
-            try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
-            _check(isinstance(loaded, dict), f"config file {yaml_path} must hold a mapping")
-            values.update(loaded)
+        values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
         values.update({k: v for k, v in flags.items() if v is not None})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known

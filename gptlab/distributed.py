@@ -129,7 +129,12 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     every rank calls it; under FSDP only rank 0 receives the tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    module = unwrap(model)
+    model_state, optimizer_state = get_state_dict(module, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # the module's own state_dict() decides what a checkpoint holds (LoRA runs keep only the adapters)
+    keep = module.state_dict().keys()
+    return {name: t for name, t in model_state.items() if name in keep}, optimizer_state
 
 
 def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
@@ -145,8 +150,9 @@ def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_s
                               f"{found.get(wrong[0], 'missing')}, model {expected.get(wrong[0], 'missing')}")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # not strict: the keys were checked against the module's own state_dict() above, which may be partial
     set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,8 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "grad_norm", "tokens_per_s",
-          "mfu", "elapsed_s"]
+LM_METRICS = ("val_loss", "val_ppl", "val_bpb")  # what evaluate_lm reports; fine-tuning tasks report others
+
+
+def metric_fields(metric_names: tuple[str, ...] = LM_METRICS) -> list[str]:
+    """The metrics.csv columns of a run whose evaluation reports `metric_names`."""
+    return ["step", "tokens", "train_loss", *metric_names, "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
 
 
 class MetricsError(ValueError):
@@ -24,15 +28,17 @@ class MetricsLog:
     A resumed run keeps the rows up to its checkpoint's step and drops the later ones (written by the
     interrupted run after its last checkpoint), so the file reads as if the run had never stopped."""
 
-    def __init__(self, out: Path, resume_step: int | None = None, tensorboard: bool = False) -> None:
+    def __init__(self, out: Path, resume_step: int | None = None, tensorboard: bool = False,
+                 metric_names: tuple[str, ...] = LM_METRICS) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.csv"
+        self.fields = metric_fields(metric_names)
         kept = []
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if int(row["step"]) <= resume_step]
         tmp = self.path.with_name(".metrics.csv.tmp")
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         os.replace(tmp, self.path)
@@ -46,7 +52,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
             # repr: floats round-trip exactly, so resumed and straight runs compare bit for bit
-            csv.DictWriter(handle, FIELDS).writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+            csv.DictWriter(handle, self.fields).writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and value is not None:

