@@ -8,6 +8,7 @@ import torch
 
 from gptlab import checkpoint, cli, finetune
 from gptlab import tokenizer as tok
+from gptlab.config import TrainConfig
 from gptlab.data import DataError
 from gptlab.finetune import FinetuneConfig, Message
 from gptlab.generate import LanguageModel
@@ -256,3 +257,11 @@ def test_finetune_cli_errors_are_one_line(tmp_path, tiny_pretrained, sentiment_d
         assert exit_info.value.code == 2 and stderr.startswith("gptlab: error: ") and needle in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_sampler_draws_each_example_once_per_epoch_across_micro_batches():
+    """global_batch_tokens = 3 micro-batches of 4 x 32 tokens: steps must not reuse each other's examples."""
+    sampler = finetune.EpochSampler(24, TrainConfig(batch_size=4, global_batch_tokens=3 * 4 * 32), block_size=32)
+    epoch = [i for step in range(2) for micro in range(3) for i in sampler.indices(step, micro)]
+    assert sorted(epoch) == list(range(24))
+    assert sampler.indices(2, 0) != sampler.indices(0, 0)  # the next epoch is shuffled afresh
