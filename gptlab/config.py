@@ -101,8 +101,8 @@ class TrainConfig:
     data: str = "data/shakespeare"
     out: str = "runs/tiny"
     init: str | None = None  # a gptlab checkpoint or Hugging Face GPT-2 directory to start from
-    # the defaults are the `tiny` run: ~4.7M tokens (3.3 epochs of the bundled corpus) in < 10 min on 2 cores
-    max_steps: int = 1150
+    # the defaults are the `tiny` run: ~4.1M tokens (2.8 epochs of the bundled corpus) in < 10 min on 2 cores
+    max_steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -112,7 +112,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    eval_interval: int = 575
+    eval_interval: int = 500
     eval_batches: int | None = None  # None: the full validation split
     ckpt_interval: int = 250
     seed: int = 1337
