@@ -43,13 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptlab import checkpoint, evaluate, hf, lora
+from gptlab import checkpoint, distributed, evaluate, hf, lora
 from gptlab.checkpoint import CheckpointError
 from gptlab.config import ConfigError, GPTConfig, TrainConfig, load_yaml
 from gptlab.data import DataError
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import Task, autocast, fit, select_device
+from gptlab.train import Task, autocast, fit, grad_accum_steps, select_device
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # cross_entropy's ignore_index: positions that contribute no loss and no gradient
@@ -304,22 +304,26 @@ def in_batches(items: list, size: int) -> Iterator[list]:
 
 
 class EpochSampler:
-    """Which examples make up the batch of (step, micro-step): shuffled epochs drawn from the seed alone,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    """Which examples make up micro-batch `micro` of optimizer step `step`: shuffled epochs drawn from the
+    seed alone, so a resumed run sees exactly the batches an uninterrupted one would. `micro` numbers the
+    micro-batches of the whole global batch (all processes, all accumulation steps; see train.Task)."""
 
-    def __init__(self, n_examples: int, batch_size: int, grad_accum: int, seed: int) -> None:
-        self.n, self.batch_size, self.grad_accum, self.seed = n_examples, batch_size, grad_accum, seed
+    def __init__(self, n_examples: int, cfg: TrainConfig, block_size: int) -> None:
+        self.n, self.cfg, self.block_size = n_examples, cfg, block_size
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             self._orders[epoch] = torch.randperm(self.n, generator=generator).tolist()
         return self._orders[epoch]
 
     def indices(self, step: int, micro: int) -> list[int]:
-        start = (step * self.grad_accum + micro) * self.batch_size
-        return [self._order(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+        processes = distributed.world().size  # asked inside fit, once the process group exists
+        per_step = grad_accum_steps(self.cfg, self.block_size, processes) * processes
+        size = self.cfg.batch_size
+        start = (step * per_step + micro) * size
+        return [self._order(p // self.n)[p % self.n] for p in range(start, start + size)]
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -434,17 +438,17 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
         f"device {device}, {cfg.precision}")
     val = val[: ft.eval_items] if ft.eval_items else val
     if ft.task == "sft":
-        task = sft_task(train, val, tokenizer, cfg, ft.max_new_tokens)
+        task = sft_task(train, val, tokenizer, cfg, block, ft.max_new_tokens)
     else:
-        task = classify_task(train, val, tokenizer, cfg)
+        task = classify_task(train, val, tokenizer, cfg, block)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
                         "finetune": {"config": ft.to_dict(), "base": base, "labels": labels}}
     return fit(model, cfg, task, device, log)
 
 
 def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenizer, cfg: TrainConfig,
-             max_new_tokens: int) -> Task:
-    sampler = EpochSampler(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
+             block_size: int, max_new_tokens: int) -> Task:
+    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
 
     def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,8 +463,8 @@ def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenize
 
 
 def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], tokenizer: Tokenizer,
-                  cfg: TrainConfig) -> Task:
-    sampler = EpochSampler(len(train), cfg.batch_size, cfg.grad_accum, cfg.seed)
+                  cfg: TrainConfig, block_size: int) -> Task:
+    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
 
     def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

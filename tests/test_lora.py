@@ -11,6 +11,7 @@ from gptlab.model import GPT
 from tests.conftest import tiny_model_config
 
 ALL = lora.TARGETS
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
 
 
 def _adapted_tiny(targets=ALL, seed=0) -> GPT:
