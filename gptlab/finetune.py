@@ -47,7 +47,7 @@ from gptlab import checkpoint, distributed, evaluate, hf, lora
 from gptlab.checkpoint import CheckpointError
 from gptlab.config import ConfigError, GPTConfig, TrainConfig, load_yaml
 from gptlab.data import DataError
-from gptlab.model import GPT
+from gptlab.model import GPT, linear_cross_entropy
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import Task, autocast, fit, grad_accum_steps, select_device
 
@@ -70,6 +70,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "attn.c_attn,attn.c_proj"  # comma-separated: attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj
     from_scratch: bool = False  # --init's architecture and tokenizer, freshly initialised weights (a baseline)
+    lm_weight: float = 0.0  # classify: weight of the auxiliary next-token loss on the texts (GPT-1 uses 0.5)
     eval_items: int = 500  # validation items scored at each evaluation (0: all)
     max_new_tokens: int = 64  # generation length cap when scoring SFT
 
@@ -81,6 +82,8 @@ class FinetuneConfig:
         for name in ("train_layers", "eval_items"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not 0 <= self.lm_weight <= 100:
+            raise ConfigError(f"lm_weight must be in [0, 100], got {self.lm_weight}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         self.lora_config()  # validates the LoRA settings early
@@ -350,8 +353,20 @@ class FinetuneModel(nn.Module):
 
     def classify(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Label logits (B, labels) from the hidden state of each row's last real token."""
+        return self.classify_and_lm_loss(idx, last, with_lm_loss=False)[0]
+
+    def classify_and_lm_loss(self, idx: torch.Tensor, last: torch.Tensor, with_lm_loss: bool = True,
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Label logits and, from the same forward pass, the next-token loss on each row's real tokens
+        (GPT-1's auxiliary objective: the text's own language modelling keeps the features general)."""
         hidden = self.gpt.hidden_states(idx)
-        return self.head(hidden[torch.arange(idx.size(0), device=idx.device), last])
+        logits = self.head(hidden[torch.arange(idx.size(0), device=idx.device), last])
+        if not with_lm_loss:
+            return logits, None
+        # position j predicts token j + 1, which is real only while j < last (padding follows it)
+        positions = torch.arange(idx.size(1) - 1, device=idx.device)
+        targets = idx[:, 1:].masked_fill(positions >= last[:, None], IGNORE)
+        return logits, linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.gpt.lm_head.weight, targets.flatten())
 
     def trainable_names(self, prefix: str = "") -> set[str]:
         return {prefix + name for name, p in self.named_parameters() if p.requires_grad}
@@ -440,7 +455,7 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     if ft.task == "sft":
         task = sft_task(train, val, tokenizer, cfg, block, ft.max_new_tokens)
     else:
-        task = classify_task(train, val, tokenizer, cfg, block)
+        task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
                         "finetune": {"config": ft.to_dict(), "base": base, "labels": labels}}
     return fit(model, cfg, task, device, log)
@@ -463,7 +478,7 @@ def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenize
 
 
 def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], tokenizer: Tokenizer,
-                  cfg: TrainConfig, block_size: int) -> Task:
+                  cfg: TrainConfig, block_size: int, lm_weight: float = 0.0) -> Task:
     sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
 
@@ -472,7 +487,9 @@ def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], toke
 
     def loss(model: FinetuneModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, last, labels = batch
-        return F.cross_entropy(model.classify(x, last).float(), labels)
+        logits, lm_loss = model.classify_and_lm_loss(x, last, with_lm_loss=lm_weight > 0)
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss if lm_loss is None else loss + lm_weight * lm_loss
 
     def evaluate_classifier(model: FinetuneModel) -> dict[str, float]:
         scores = classification_scores(model, val, pad, cfg.batch_size, cfg.precision)

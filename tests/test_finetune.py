@@ -140,6 +140,20 @@ def test_classifier_reads_the_last_real_token_whatever_the_padding(tiny_pretrain
     assert torch.allclose(batched[0], alone[0], atol=1e-5)
 
 
+def test_auxiliary_lm_loss_covers_each_rows_real_tokens_only(tiny_pretrained):
+    gpt, tokenizer = checkpoint.load_model(tiny_pretrained)
+    model = finetune.FinetuneModel(gpt.eval(), num_labels=2)
+    texts = [[*tokenizer.encode(t), tokenizer.eot_id] for t in ("a short one", "a much longer text to pad")]
+    x, last, _ = finetune.classify_batch([finetune.ClassifyExample(ids, 0) for ids in texts], tokenizer.eot_id)
+    with torch.no_grad():
+        logits, lm_loss = model.classify_and_lm_loss(x, last)
+        # the reference: plain cross-entropy of the full logits of each text alone, summed over all predicted tokens
+        nats = sum(torch.nn.functional.cross_entropy(gpt(torch.tensor([ids]))[0][0, :-1], torch.tensor(ids[1:]),
+                                                     reduction="sum") for ids in texts)
+    assert torch.allclose(logits, model.classify(x, last))
+    assert lm_loss.item() == pytest.approx(nats.item() / sum(len(ids) - 1 for ids in texts), rel=1e-5)
+
+
 def test_dropped_and_cut_examples_are_counted(tmp_path, tiny_pretrained):
     _, tokenizer = checkpoint.load_model(tiny_pretrained)
     _write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "long " * 200, "output": "x"},
