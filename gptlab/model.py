@@ -237,6 +237,9 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
+        if not isinstance(self.lm_head, nn.Linear):  # int8 weights (gptlab.quantize): no matrix to chunk over
+            logits = self.lm_head(x).flatten(0, 1).float()
+            return None, F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
 

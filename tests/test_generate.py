@@ -325,6 +325,10 @@ def test_int8_model_stays_close_to_float(peer, tokenizer):
     # relative RMS error ~2.5% with VNNI (8-bit activations), ~4% without (7-bit)
     assert (approx - exact).pow(2).mean().sqrt() <= 0.06 * exact.pow(2).mean().sqrt()
     assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.85
+    with torch.no_grad():  # the loss path (perplexity): same as cross-entropy of the int8 logits
+        loss = quantized(tokens[:, :-1], tokens[:, 1:])[1]
+        expected = torch.nn.functional.cross_entropy(quantized(tokens[:, :-1])[0][0], tokens[0, 1:])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     text = LanguageModel(quantized, tokenizer).generate("Hello", max_new_tokens=5, **GREEDY)[0]
     assert len(tokenizer.encode(text)) >= 4
 
