@@ -41,13 +41,15 @@ def test_playground_streams_a_reply(server, browser):
     page.eval_on_selector("#temperature", "el => { el.value = '1'; el.dispatchEvent(new Event('input')); }")
     page.fill("#max-tokens", "150")
     page.fill("#input", "Hello! Who are you?")
-    page.press("#input", "Enter")
-    # caught mid-stream: part of the reply is on screen while the rest is still being generated
-    partial = page.wait_for_function("""() => {
+    # caught mid-stream: an observer notes the first text shown while the reply is still streaming (polling
+    # from the test could miss that window on a busy machine)
+    page.evaluate("""() => new MutationObserver((_, observer) => {
         const reply = document.querySelector('.msg.assistant.streaming .text');
-        return reply && reply.textContent.length > 0 && reply.textContent; }""", polling=20, timeout=30_000)
-    partial = partial.json_value()
+        if (reply && reply.textContent.length > 0) { window.firstPartial = reply.textContent; observer.disconnect(); }
+    }).observe(document.body, {childList: true, subtree: true, characterData: true})""")
+    page.press("#input", "Enter")
     reply = page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+    partial = page.evaluate("window.firstPartial")
     final = reply.query_selector(".text").text_content()
 
     assert page.text_content(".msg.user .text") == "Hello! Who are you?"
