@@ -82,7 +82,8 @@ class FinetuneConfig:
         for name in ("train_layers", "eval_items"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not 0 <= self.lm_weight <= 100:
+        if isinstance(self.lm_weight, bool) or not isinstance(self.lm_weight, (int, float)) \
+                or not 0 <= self.lm_weight <= 100:
             raise ConfigError(f"lm_weight must be in [0, 100], got {self.lm_weight}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
