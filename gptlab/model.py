@@ -17,6 +17,9 @@ from gptlab.config import GPTConfig
 
 IGNORE_INDEX = -100  # target value that contributes no loss (padding, masked prompt tokens)
 CE_CHUNK_ELEMENTS = 1 << 24  # logits computed at once by the loss: 64 MB in fp32, whatever the batch
+# ... and at most this many rows: with a small vocabulary a chunk's logits then stay in cache between the
+# passes over them (tiny preset, 4096 x 4096 bf16 logits: 37 ms per step in 512-row chunks, 67 ms in one)
+CE_CHUNK_ROWS = 512
 
 
 class KVCache:
@@ -246,10 +249,10 @@ class GPT(nn.Module):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` for hidden (N, C), weight (V, C),
-    without the (N, V) logits: at most `chunk_size` rows of logits (CE_CHUNK_ELEMENTS by default) exist
+    without the (N, V) logits: at most `chunk_size` rows of logits (CE_CHUNK_ELEMENTS, CE_CHUNK_ROWS by default) exist
     at a time, and their gradients are computed on the spot. This is what keeps a 50k-token vocabulary
     cheap: the full fp32 logits, their softmax and its gradient would be the largest tensors of a step."""
-    chunk_size = chunk_size or max(1, CE_CHUNK_ELEMENTS // weight.size(0))
+    chunk_size = chunk_size or max(1, min(CE_CHUNK_ROWS, CE_CHUNK_ELEMENTS // weight.size(0)))
     if torch.is_autocast_enabled(hidden.device.type):  # do what autocast does for the matmuls, explicitly
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
