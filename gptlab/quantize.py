@@ -11,6 +11,8 @@ output channel, activations quantized to 8 bits per call, int32 accumulation, fl
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -21,17 +23,45 @@ import torch.nn.functional as F
 from gptlab.model import GPT
 
 
+@functools.cache
+def panel_kernel():
+    """gptlab's AVX-512 matmul for a few rows (`csrc/packed_linear.cpp`, built on first use and cached
+    by torch.utils.cpp_extension), as `torch.ops.gptlab_cpu`; None where it cannot run: a CPU without
+    AVX-512, no C++ compiler, or GPTLAB_NO_KERNEL=1. Callers then use the library kernels."""
+    if os.environ.get("GPTLAB_NO_KERNEL") == "1" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="gptlab_cpu", sources=[str(Path(__file__).with_name("csrc") / "packed_linear.cpp")],
+                           extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], is_python_module=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the library kernels
+        warnings.warn(f"gptlab: the AVX-512 decoding kernel could not be built, using oneDNN/MKL ({exc})",
+                      stacklevel=2)
+        return None
+    return torch.ops.gptlab_cpu
+
+
+# Up to this many rows the panel kernel beats the library GEMMs (decoding, batched or not); more rows
+# (prefill) go to MKL, whose GEMM tiles for reuse (benchmarks/linear.py).
+PANEL_MAX_ROWS = 32
+
+
 class CPULinear(nn.Linear):
     """nn.Linear for CPU inference; same parameters and state_dict, faster kernels in inference mode.
 
-    - one row (batch-1 decoding): the weight is stored column-major, i.e. as the (in, out) matrix
-      MKL's GEMV streams fastest (up to ~1.3x faster than the (out, in) layout of nn.Linear);
-    - several rows (batched decoding, prefill): a oneDNN-packed copy of the weight, made on first
-      use (~2x faster than MKL's GEMM for a handful of rows; it costs the weight's memory again).
-    Training or autograd falls back to F.linear; the packed copy assumes frozen weights.
+    Decoding multiplies a few rows by every weight, so its speed is that of streaming the weights:
+    - with gptlab's kernel (`panel_kernel`): up to PANEL_MAX_ROWS rows run over a copy of the weight
+      in 48-column panels, made on first use, at the speed of a plain read of the weight;
+    - without it: one row uses MKL's GEMV on a column-major weight (the (in, out) matrix it streams
+      fastest), several rows a oneDNN-packed copy.
+    Each copy costs the weight's memory again. Training or autograd falls back to F.linear; the
+    copies assume frozen weights.
     """
 
-    _packed: torch.Tensor | None = None
+    _panels: torch.Tensor | None = None  # the kernel's layout
+    _panel_bias: torch.Tensor | None = None
+    _packed: torch.Tensor | None = None  # oneDNN's
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> CPULinear:
@@ -39,7 +69,9 @@ class CPULinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # shared: a tied head stays tied
-        new.weight.data = new.weight.data.t().contiguous().t()
+        new.train(linear.training)
+        if panel_kernel() is None:
+            new.weight.data = new.weight.data.t().contiguous().t()
         return new
 
     def __getstate__(self) -> dict:
@@ -48,7 +80,20 @@ class CPULinear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or x.numel() == x.size(-1):
+        if self.training or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.size(-1)
+        kernel = panel_kernel()
+        if kernel is not None:
+            if rows > PANEL_MAX_ROWS or x.dtype != torch.float32:
+                return F.linear(x, self.weight, self.bias)
+            if self._panels is None:
+                self._panels = kernel.pack(self.weight.detach())
+                if self.bias is not None:
+                    padding = self._panels.size(0) * self._panels.size(2) - self.out_features
+                    self._panel_bias = F.pad(self.bias.detach(), (0, padding))
+            return kernel.linear(x, self._panels, self._panel_bias, self.out_features)
+        if rows == 1:
             return F.linear(x, self.weight, self.bias)
         if self._packed is None:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), 8)
