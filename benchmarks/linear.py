@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptlab.quantize import CPULinear, panel_kernel
+from gptlab.kernels import cpu_kernels
+from gptlab.quantize import CPULinear
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of one GPT-2 124M block
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,16,32,64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if panel_kernel() is None:
+    if cpu_kernels() is None:
         raise SystemExit("the panel kernel is unavailable here (no AVX-512 or no compiler)")
     repeats = 3 if args.quick else 9
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gptlab import kernels
 from gptlab.config import GPTConfig
 
 IGNORE_INDEX = -100  # target value that contributes no loss (padding, masked prompt tokens)
@@ -60,6 +61,13 @@ class KVCache:
             raise ValueError(f"position {self._length - 1} is beyond the cache length {self.max_len}")
         start_tensor = torch.tensor(starts, device=device)[:, None]
         positions = start_tensor + torch.arange(new_tokens, device=device)
+        # one new token per row of a slice, in inference: gptlab's CPU kernel writes and attends in one op
+        self._fused = None
+        if (not prefill and new_tokens == 1 and isinstance(rows, slice) and device.type == "cpu"
+                and self.k.dtype == torch.float32 and self.k.size(-1) % 16 == 0 and not torch.is_grad_enabled()):
+            self._fused, self._new_positions = kernels.cpu_kernels(), start_tensor[:, 0]
+            if self._fused is not None:
+                return positions
         # all rows at the same position (batch 1, prefill, beams): plain slice writes, no mask
         self._start = starts[0] if starts and min(starts) == max(starts) else None
         self._write_rows = rows
@@ -81,6 +89,8 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
+        if self._fused is not None:
+            return self._fused.decode_attention(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
         if isinstance(self._write_rows, slice):
             end = self._start + k.size(2)
             k_cache[self._write_rows, :, self._start: end] = k

@@ -11,8 +11,6 @@ output channel, activations quantized to 8 bits per call, int32 accumulation, fl
 
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -20,27 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab import kernels
 from gptlab.model import GPT
-
-
-@functools.cache
-def panel_kernel():
-    """gptlab's AVX-512 matmul for a few rows (`csrc/packed_linear.cpp`, built on first use and cached
-    by torch.utils.cpp_extension), as `torch.ops.gptlab_cpu`; None where it cannot run: a CPU without
-    AVX-512, no C++ compiler, or GPTLAB_NO_KERNEL=1. Callers then use the library kernels."""
-    if os.environ.get("GPTLAB_NO_KERNEL") == "1" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(name="gptlab_cpu", sources=[str(Path(__file__).with_name("csrc") / "packed_linear.cpp")],
-                           extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], is_python_module=False)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the library kernels
-        warnings.warn(f"gptlab: the AVX-512 decoding kernel could not be built, using oneDNN/MKL ({exc})",
-                      stacklevel=2)
-        return None
-    return torch.ops.gptlab_cpu
-
 
 # Up to this many rows the panel kernel beats the library GEMMs (decoding, batched or not); more rows
 # (prefill) go to MKL, whose GEMM tiles for reuse (benchmarks/linear.py).
@@ -51,7 +30,7 @@ class CPULinear(nn.Linear):
     """nn.Linear for CPU inference; same parameters and state_dict, faster kernels in inference mode.
 
     Decoding multiplies a few rows by every weight, so its speed is that of streaming the weights:
-    - with gptlab's kernel (`panel_kernel`): up to PANEL_MAX_ROWS rows run over a copy of the weight
+    - with gptlab's kernel (`kernels.cpu_kernels`): up to PANEL_MAX_ROWS rows run over a copy of the weight
       in 48-column panels, made on first use, at the speed of a plain read of the weight;
     - without it: one row uses MKL's GEMV on a column-major weight (the (in, out) matrix it streams
       fastest), several rows a oneDNN-packed copy.
@@ -70,7 +49,7 @@ class CPULinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # shared: a tied head stays tied
         new.train(linear.training)
-        if panel_kernel() is None:
+        if kernels.cpu_kernels() is None:
             new.weight.data = new.weight.data.t().contiguous().t()
         return new
 
@@ -83,7 +62,7 @@ class CPULinear(nn.Linear):
         if self.training or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.size(-1)
-        kernel = panel_kernel()
+        kernel = kernels.cpu_kernels()
         if kernel is not None:
             if rows > PANEL_MAX_ROWS or x.dtype != torch.float32:
                 return F.linear(x, self.weight, self.bias)

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from gptlab import kernels
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.data import prepare, shakespeare_documents
 
-@pytest.fixture(scope="session", autouse=True)
-def panel_kernel_built() -> None:
-    """Build (or load) the AVX-512 decoding kernel once up front, so no test or server it starts
-    spends its time budget compiling."""
-    from gptlab.quantize import panel_kernel
 
-    panel_kernel()
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built() -> None:
+    """Build (or load) the AVX-512 decoding kernels once up front, so no test or server it starts
+    spends its time budget compiling."""
+    kernels.cpu_kernels()
 
 
 TINY_MODEL = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from gptlab import checkpoint, hf, quantize
+from gptlab import checkpoint, hf, kernels, quantize
 from gptlab.generate import (
     Decoder,
     LanguageModel,
@@ -302,31 +302,10 @@ def test_prompt_longer_than_context_raises(lm):
 
 # --- CPU weight formats ----------------------------------------------------------------------------------------------
 
-def test_panel_kernel_builds_here_and_matches_f_linear():
-    kernel = quantize.panel_kernel()
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        assert kernel is None
-        pytest.skip("no AVX-512 on this CPU: the library kernels serve instead")
-    assert kernel is not None, "the AVX-512 kernel failed to build (see the warning)"
-    gen = torch.Generator().manual_seed(0)
-    for n, k in ((97, 40), (48, 768), (5, 3)):  # a partial last panel, exact panels, a tiny matrix
-        weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-        panels = kernel.pack(weight)
-        padded_bias = torch.nn.functional.pad(bias, (0, panels.size(0) * panels.size(2) - n))
-        for rows in (1, 3, 8, 9, 17):  # one register block, a partial one, several
-            x = torch.randn(rows, k, generator=gen)
-            close = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order
-            torch.testing.assert_close(kernel.linear(x, panels, padded_bias, n),
-                                       torch.nn.functional.linear(x, weight, bias), **close)
-            torch.testing.assert_close(kernel.linear(x, panels, None, n), x @ weight.T, **close)
-    with pytest.raises(RuntimeError, match="width"):
-        kernel.linear(torch.randn(2, 4), kernel.pack(torch.randn(3, 5)), None, 3)
-
-
 @pytest.mark.parametrize("kernel", [True, False], ids=["panel-kernel", "library-kernels"])
 def test_cpu_linear_layouts_give_the_same_results(peer, monkeypatch, kernel):
     if not kernel:
-        monkeypatch.setattr(quantize, "panel_kernel", lambda: None)
+        monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     _, model = peer
     prepared = prepare_cpu_inference(copy.deepcopy(model))
     assert isinstance(prepared.lm_head, CPULinear) and prepared.lm_head.weight is prepared.transformer.wte.weight

@@ -1,0 +1,39 @@
+"""gptlab's C++ CPU kernels for decoding (`csrc/cpu_decode.cpp`), built on first use.
+
+Decoding reads every weight and every cached key and value once per step for a handful of rows, so
+its speed is that of memory; the library kernels leave 25-50% of it on the table at these shapes:
+- `linear`: a matmul for 1-32 rows over weights repacked in 48-column panels (`quantize.CPULinear`);
+- `decode_attention`: one new token per row at its own position, written into the KV cache and
+  attended over the row's prefix in one pass (`model.KVCache`).
+torch.utils.cpp_extension compiles the file once per machine (~10 s) and caches the library. Where
+that cannot happen (a CPU without AVX-512, no C++ compiler) or with GPTLAB_NO_KERNEL=1, `cpu_kernels()`
+is None and callers use PyTorch's own kernels: same results, less speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
+
+
+@functools.cache
+def cpu_kernels():
+    """`torch.ops.gptlab_cpu` (pack, linear, decode_attention), or None where they cannot run."""
+    if os.environ.get("GPTLAB_NO_KERNEL") == "1" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="gptlab_cpu", sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"])
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
+        warnings.warn(f"gptlab: the AVX-512 decoding kernels could not be built, using PyTorch's ({exc})",
+                      stacklevel=2)
+        return None
+    return torch.ops.gptlab_cpu
