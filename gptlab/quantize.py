@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab import kernels
-from gptlab.model import GPT
+from gptlab.model import GPT, MLP
 
 # Up to this many rows the panel kernel beats the library GEMMs (decoding, batched or not); more rows
 # (prefill) go to MKL, whose GEMM tiles for reuse (benchmarks/linear.py).
@@ -38,6 +38,7 @@ class CPULinear(nn.Linear):
     copies assume frozen weights.
     """
 
+    gelu = False  # apply GPT-2's tanh GELU to the output (folded in by prepare_cpu_inference)
     _panels: torch.Tensor | None = None  # the kernel's layout
     _panel_bias: torch.Tensor | None = None
     _packed: torch.Tensor | None = None  # oneDNN's
@@ -59,31 +60,41 @@ class CPULinear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.size(-1)
         kernel = kernels.cpu_kernels()
+        if self.training or torch.is_grad_enabled() or (kernel is not None and (
+                rows > PANEL_MAX_ROWS or x.dtype != torch.float32)):
+            return self._activate(F.linear(x, self.weight, self.bias))
         if kernel is not None:
-            if rows > PANEL_MAX_ROWS or x.dtype != torch.float32:
-                return F.linear(x, self.weight, self.bias)
             if self._panels is None:
                 self._panels = kernel.pack(self.weight.detach())
                 if self.bias is not None:
                     padding = self._panels.size(0) * self._panels.size(2) - self.out_features
                     self._panel_bias = F.pad(self.bias.detach(), (0, padding))
-            return kernel.linear(x, self._panels, self._panel_bias, self.out_features)
+            return kernel.linear(x, self._panels, self._panel_bias, self.out_features, self.gelu)
         if rows == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._activate(F.linear(x, self.weight, self.bias))
         if self._packed is None:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), 8)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return self._activate(torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], ""))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", gelu=tanh" if self.gelu else "")
 
 
 def prepare_cpu_inference(model: GPT) -> GPT:
-    """Swap the model's float linear layers for CPULinear, in place (a no-op off the CPU)."""
+    """Swap the model's float linear layers for CPULinear, in place (a no-op off the CPU), and fold
+    each MLP's GELU into its first matmul: the kernel applies it as it stores the output."""
     if model.transformer.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return model
     _replace_linears(model, lambda linear: CPULinear.from_linear(linear) if type(linear) is nn.Linear else linear)
+    for module in model.modules():
+        if (isinstance(module, MLP) and isinstance(module.c_fc, CPULinear) and isinstance(module.act, nn.GELU)
+                and module.act.approximate == "tanh"):
+            module.c_fc.gelu, module.act = True, nn.Identity()
     return model
 
 
@@ -122,10 +133,12 @@ class Int8Linear(nn.Module):
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.gelu = getattr(linear, "gelu", False)  # a CPULinear with its MLP's GELU folded in keeps it
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, _REDUCE_RANGE)
+        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, _REDUCE_RANGE)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

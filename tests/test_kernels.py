@@ -23,7 +23,7 @@ def ops():
     return built
 
 
-def test_linear_matches_f_linear(ops):
+def test_linear_matches_f_linear_and_gelu(ops):
     gen = torch.Generator().manual_seed(0)
     for n, k in ((97, 40), (48, 768), (5, 3)):  # a partial last panel, exact panels, a tiny matrix
         weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
@@ -33,6 +33,8 @@ def test_linear_matches_f_linear(ops):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(ops.linear(x, panels, padded_bias, n), F.linear(x, weight, bias), **CLOSE)
             torch.testing.assert_close(ops.linear(x, panels, None, n), x @ weight.T, **CLOSE)
+            torch.testing.assert_close(ops.linear(x, panels, padded_bias, n, True),  # GELU folded in
+                                       F.gelu(F.linear(x, weight, bias), approximate="tanh"), **CLOSE)
     with pytest.raises(RuntimeError, match="width"):
         ops.linear(torch.randn(2, 4), ops.pack(torch.randn(3, 5)), None, 3)
 

@@ -36,8 +36,30 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
 }
 
-// y[r, 0:cols] = x[r] . panel (+ bias) for ROWS rows of x (row stride k) and y (row stride ldy)
-template <int ROWS>
+// e^x, 16 at a time: 2^n e^r with r = x - n ln 2 and Cephes' expf polynomial (rel. error < 2e-7)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GPT-2's GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + e^(-2z))
+inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 minus_2z = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x),
+                                        _mm512_set1_ps(-2.0f * 0.7978845608f));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2z)));
+}
+
+// y[r, 0:cols] = x[r] . panel (+ bias), then GELU if GELU, for ROWS rows of x (row stride k) and y (row stride ldy)
+template <int ROWS, bool GELU>
 void panel_block(const float* x, int64_t k, const float* panel, const float* bias, float* y,
                  int64_t ldy, int64_t cols) {
   __m512 acc[ROWS][kVectors];
@@ -60,17 +82,21 @@ void panel_block(const float* x, int64_t k, const float* panel, const float* bia
   for (int v = 0; v < kVectors; ++v) {  // the last panel is partial: masked stores
     const int64_t left = cols - 16 * v;
     const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1;
-    for (int r = 0; r < ROWS; ++r) _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask, acc[r][v]);
+    for (int r = 0; r < ROWS; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask, GELU ? gelu_tanh16(acc[r][v]) : acc[r][v]);
   }
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
-constexpr BlockFn kBlocks[kRows] = {panel_block<1>, panel_block<2>, panel_block<3>, panel_block<4>,
-                                    panel_block<5>, panel_block<6>, panel_block<7>, panel_block<8>};
+constexpr BlockFn kBlocks[2][kRows] = {
+    {panel_block<1, false>, panel_block<2, false>, panel_block<3, false>, panel_block<4, false>,
+     panel_block<5, false>, panel_block<6, false>, panel_block<7, false>, panel_block<8, false>},
+    {panel_block<1, true>, panel_block<2, true>, panel_block<3, true>, panel_block<4, true>,
+     panel_block<5, true>, panel_block<6, true>, panel_block<7, true>, panel_block<8, true>}};
 
 // x (..., K) float32, panels from pack(), bias: None or (panels * 48) zero-padded; returns (..., n)
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                  int64_t n) {
+                  int64_t n, bool gelu) {
   const int64_t k = panels.size(1), num_panels = panels.size(0);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k, "linear: float32 input of width ", k);
   TORCH_CHECK(panels.is_contiguous() && n <= num_panels * kPanel, "linear: panels from pack()");
@@ -90,7 +116,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
       const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
       for (int64_t r = 0; r < rows; r += kRows) {  // later row blocks find the panel in cache
         const int64_t block = std::min(kRows, rows - r);
-        kBlocks[block - 1](xp + r * k, k, wp + p * k * kPanel, bp ? bp + col : nullptr, yp + r * n + col, n, cols);
+        kBlocks[gelu][block - 1](xp + r * k, k, wp + p * k * kPanel, bp ? bp + col : nullptr, yp + r * n + col, n, cols);
       }
     }
   });
@@ -141,8 +167,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         scores[j] = _mm512_reduce_add_ps(acc) * scale;
         best = std::max(best, scores[j]);
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j <= last; ++j) total += (scores[j] = std::exp(scores[j] - best));
+      __m512 sums = _mm512_setzero_ps();
+      for (int64_t j = 0; j <= last; j += 16) {
+        const __mmask16 mask = last - j >= 15 ? 0xFFFF : (1u << (last - j + 1)) - 1;
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores.data() + j), _mm512_set1_ps(best)));
+        _mm512_mask_storeu_ps(scores.data() + j, mask, e);
+        sums = _mm512_mask_add_ps(sums, mask, sums, e);
+      }
+      const float total = _mm512_reduce_add_ps(sums);
       __m512 out[4];  // head sizes up to 64 in registers; larger ones in passes of 64
       float* yp = y.data_ptr<float>() + (b * heads + h) * dim;
       for (int64_t c0 = 0; c0 < vectors; c0 += 4) {
@@ -165,7 +197,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(gptlab_cpu, m) {
   m.def("pack(Tensor weight) -> Tensor", &pack);
-  m.def("linear(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor", &linear);
+  m.def("linear(Tensor x, Tensor panels, Tensor? bias, int n, bool gelu=False) -> Tensor", &linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions)"
         " -> Tensor", &decode_attention);
 }
