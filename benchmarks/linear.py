@@ -1,6 +1,6 @@
 """Decode-step matmuls: gptlab's panel kernel vs oneDNN and MKL, same run, same weights.
 
-    python benchmarks/linear.py              # rows 1, 8, 16, 32, 64; median of 9
+    python benchmarks/linear.py              # rows 1, 8, 16, 32, 64, 256, 512; median of 9
     python benchmarks/linear.py --quick
 
 The weights are those of one GPT-2 124M decode step (12 layers of qkv, proj, fc, fc-proj, then the
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default="1,8,16,32,64")
+    parser.add_argument("--rows", default="1,8,16,32,64,256,512")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if cpu_kernels() is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,8 +31,14 @@ def cpu_kernels():
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="gptlab_cpu", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"])
+        # one build per Python and torch version (the library links against both)
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        build_dir = Path(root) / f"gptlab_cpu-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            print("gptlab: building the AVX-512 decoding kernels (once per machine, ~10 s)", file=sys.stderr)
+        cpp_extension.load(name="gptlab_cpu", sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
         warnings.warn(f"gptlab: the AVX-512 decoding kernels could not be built, using PyTorch's ({exc})",
                       stacklevel=2)

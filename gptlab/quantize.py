@@ -23,7 +23,7 @@ from gptlab.model import GPT, MLP
 
 # Up to this many rows the panel kernel beats the library GEMMs (decoding, batched or not); more rows
 # (prefill) go to MKL, whose GEMM tiles for reuse (benchmarks/linear.py).
-PANEL_MAX_ROWS = 32
+PANEL_MAX_ROWS = 256
 
 
 class CPULinear(nn.Linear):

@@ -170,15 +170,17 @@ def test_dropped_and_cut_examples_are_counted(tmp_path, tiny_pretrained):
 
 # --- training --------------------------------------------------------------------------------------
 def test_sft_answers_held_out_items_from_the_command_line(tmp_path, tiny_pretrained, sentiment_sft_dir, capsys):
-    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one on dates)."""
+    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one on dates).
+    500 steps at lr 3e-3 reach exact match 1.0 from bases pretrained on one thread or two; 250 at 1e-2
+    sometimes stayed at the majority answer (float sums on two threads vary the base run to run)."""
     cli.main(["finetune", "--init", str(tiny_pretrained), "--data", str(sentiment_sft_dir), "--out",
-              str(tmp_path / "sft"), "--task", "sft", "--method", "full", "--max-steps", "250",
-              "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "5", "--eval-interval", "250",
+              str(tmp_path / "sft"), "--task", "sft", "--method", "full", "--max-steps", "500",
+              "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "5", "--eval-interval", "500",
               "--eval-items", "0", "--precision", "fp32"])
     stdout = capsys.readouterr().out
     summary = json.loads(stdout.strip().splitlines()[-1])
     answers = [json.loads(line)["output"] for line in (sentiment_sft_dir / "val.jsonl").read_text().splitlines()]
-    always_the_majority = max(answers.count(a) for a in set(answers)) / len(answers)  # 0.61: nothing learned
+    always_the_majority = max(answers.count(a) for a in set(answers)) / len(answers)  # 0.5: nothing learned
     assert summary["exact_match"] >= always_the_majority + 0.1, summary
     assert "sft / full: training" in stdout and "(100.000%)" in stdout
     header = (tmp_path / "sft" / "metrics.csv").read_text().splitlines()[0]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,3 +81,15 @@ def test_kv_cache_decodes_the_same_with_and_without_the_kernel(ops, monkeypatch)
             outputs.append((cache.attend(0, q, k, v), cache.k.clone(), cache.v.clone()))
     for fused_part, reference_part in zip(*outputs, strict=True):
         torch.testing.assert_close(fused_part, reference_part, **CLOSE)
+
+
+def test_first_use_builds_once_and_says_so(ops, tmp_path):
+    """On a fresh machine (an empty extensions directory) the kernels build, with one line on stderr;
+    the next process loads the cached library silently."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = "from gptlab import kernels; assert kernels.cpu_kernels() is not None"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count("building the AVX-512 decoding kernels") == 1
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "building" not in second.stderr, second.stderr
