@@ -90,7 +90,7 @@ class KVCache:
         """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         if self._fused is not None:
-            return self._fused.decode_attention(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
+            return self._fused.decode_attention.default(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
         if isinstance(self._write_rows, slice):
             end = self._start + k.size(2)
             k_cache[self._write_rows, :, self._start: end] = k

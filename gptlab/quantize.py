@@ -71,7 +71,7 @@ class CPULinear(nn.Linear):
                 if self.bias is not None:
                     padding = self._panels.size(0) * self._panels.size(2) - self.out_features
                     self._panel_bias = F.pad(self.bias.detach(), (0, padding))
-            return kernel.linear(x, self._panels, self._panel_bias, self.out_features, self.gelu)
+            return kernel.linear.default(x, self._panels, self._panel_bias, self.out_features, self.gelu)
         if rows == 1:
             return self._activate(F.linear(x, self.weight, self.bias))
         if self._packed is None:
@@ -137,7 +137,8 @@ class Int8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, _REDUCE_RANGE)
+        # .default: the overload packet would first search the arguments for script objects, every call
+        y = torch.ops.quantized.linear_dynamic.default(x.float(), self._packed, _REDUCE_RANGE)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
     def extra_repr(self) -> str:
