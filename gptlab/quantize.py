@@ -3,10 +3,10 @@
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth and by
 how well the matmul kernel streams the weights. `prepare_cpu_inference` keeps float32 weights but
 stores them the way the fastest kernel reads them (see CPULinear). int8 weights are a quarter of
-float32's bytes. `quantize_int8` swaps every `nn.Linear` (the tied
-LM head included, which gets its own int8 copy; the float embedding table stays for lookups) for an
-`Int8Linear` that runs fbgemm's dynamically quantized matmul: weights int8 with one scale per
-output channel, activations quantized to 8 bits per call, int32 accumulation, float32 output.
+float32's bytes: `quantize_int8` swaps every `nn.Linear` (the tied LM head included, which gets its
+own int8 copy; the float embedding table stays for lookups) for an `Int8Linear` with one scale per
+output channel: weight-only int8 through gptlab's kernel where it runs, fbgemm's dynamic int8
+matmul elsewhere.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class CPULinear(nn.Linear):
                 if self.bias is not None:
                     padding = self._panels.size(0) * self._panels.size(2) - self.out_features
                     self._panel_bias = F.pad(self.bias.detach(), (0, padding))
-            return kernel.linear.default(x, self._panels, self._panel_bias, self.out_features, self.gelu)
+            return kernel.linear.default(x, self._panels, None, self._panel_bias, self.out_features, self.gelu)
         if rows == 1:
             return self._activate(F.linear(x, self.weight, self.bias))
         if self._packed is None:
@@ -119,30 +119,57 @@ _REDUCE_RANGE = not _has_vnni()
 
 
 class Int8Linear(nn.Module):
-    """A frozen int8 replacement for `nn.Linear` (inference only, CPU)."""
+    """A frozen int8 replacement for `nn.Linear` (inference only, CPU), one scale per output channel.
+
+    With gptlab's kernels (`kernels.cpu_kernels`): weight-only int8, activations stay float32; up to
+    PANEL_MAX_ROWS rows the panel kernel widens the int8 weights in registers as it streams them (a
+    quarter of float32's bytes), more rows multiply by the dequantized weight. Without: fbgemm's dynamic
+    int8 matmul (activations quantized to 8 bits per call, int32 accumulation).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float().cpu().contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.gelu = getattr(linear, "gelu", False)  # a CPULinear with its MLP's GELU folded in keeps it
+        self.bias = bias
+        kernel = kernels.cpu_kernels()
+        if kernel is not None:
+            self._panels, self._scales = kernel.pack_int8(weight)
+            self._panel_bias = None if bias is None else F.pad(bias, (0, self._scales.numel() - self.out_features))
+            return
+        self._panels = None
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
         zero_points = torch.zeros_like(scales, dtype=torch.long)
         with warnings.catch_warnings():
             # quantized tensors are deprecated for a later PyTorch; pyproject pins torch <= 2.13, where
-            # fbgemm's prepacked int8 matmul is still the fastest int8 path on x86 CPUs
+            # fbgemm's prepacked int8 matmul is still the fastest library int8 path on x86 CPUs
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.gelu = getattr(linear, "gelu", False)  # a CPULinear with its MLP's GELU folded in keeps it
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # .default: the overload packet would first search the arguments for script objects, every call
-        y = torch.ops.quantized.linear_dynamic.default(x.float(), self._packed, _REDUCE_RANGE)
+        x = x.float()
+        if self._panels is None:
+            # .default: the overload packet would first search the arguments for script objects, every call
+            y = torch.ops.quantized.linear_dynamic.default(x, self._packed, _REDUCE_RANGE)
+        elif x.numel() // x.size(-1) <= PANEL_MAX_ROWS:
+            return kernels.cpu_kernels().linear.default(x, self._panels, self._scales, self._panel_bias,
+                                                         self.out_features, self.gelu)
+        else:
+            y = F.linear(x, self.dequantized_weight(), self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (out, in) float32 matrix the int8 panels stand for (made on each call, not kept)."""
+        panels, k = self._panels.size(0), self.in_features
+        weight = self._panels.float() * self._scales.view(panels, 1, -1)  # (panels, in, 48)
+        return weight.transpose(1, 2).reshape(-1, k)[: self.out_features]
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        kind = "weight-only int8" if self._panels is not None else "int8 (fbgemm)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 def quantize_int8(model: GPT) -> GPT:

@@ -35,12 +35,33 @@ def test_linear_matches_f_linear_and_gelu(ops):
         padded_bias = F.pad(bias, (0, panels.size(0) * panels.size(2) - n))
         for rows in (1, 3, 8, 9, 17):  # one register block, a partial one, several
             x = torch.randn(rows, k, generator=gen)
-            torch.testing.assert_close(ops.linear(x, panels, padded_bias, n), F.linear(x, weight, bias), **CLOSE)
-            torch.testing.assert_close(ops.linear(x, panels, None, n), x @ weight.T, **CLOSE)
-            torch.testing.assert_close(ops.linear(x, panels, padded_bias, n, True),  # GELU folded in
+            torch.testing.assert_close(ops.linear(x, panels, None, padded_bias, n), F.linear(x, weight, bias), **CLOSE)
+            torch.testing.assert_close(ops.linear(x, panels, None, None, n), x @ weight.T, **CLOSE)
+            torch.testing.assert_close(ops.linear(x, panels, None, padded_bias, n, True),  # GELU folded in
                                        F.gelu(F.linear(x, weight, bias), approximate="tanh"), **CLOSE)
     with pytest.raises(RuntimeError, match="width"):
-        ops.linear(torch.randn(2, 4), ops.pack(torch.randn(3, 5)), None, 3)
+        ops.linear(torch.randn(2, 4), ops.pack(torch.randn(3, 5)), None, None, 3)
+
+
+def test_int8_linear_is_the_dequantized_matmul(ops):
+    gen = torch.Generator().manual_seed(5)
+    for n, k in ((97, 40), (50, 768)):
+        weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        panels, scales = ops.pack_int8(weight)
+        assert panels.dtype == torch.int8 and panels.abs().max() == 127
+        # one scale per output channel: max |w| / 127, and every weight within half a step of its int8 value
+        torch.testing.assert_close(scales[:n], weight.abs().amax(1) / 127)
+        dequantized = (panels.float() * scales.view(panels.size(0), 1, -1)).transpose(1, 2).reshape(-1, k)[:n]
+        assert ((dequantized - weight).abs() <= scales[:n, None] / 2 + 1e-6).all()
+        padded_bias = F.pad(bias, (0, scales.numel() - n))
+        for rows in (1, 8, 11):
+            x = torch.randn(rows, k, generator=gen)
+            got = ops.linear(x, panels, scales, padded_bias, n)
+            torch.testing.assert_close(got, F.linear(x, dequantized, bias), **CLOSE)
+            torch.testing.assert_close(ops.linear(x, panels, scales, padded_bias, n, True),
+                                       F.gelu(got, approximate="tanh"), **CLOSE)
+    with pytest.raises(RuntimeError, match="scales"):
+        ops.linear(torch.randn(2, k), panels, None, None, n)
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 80])

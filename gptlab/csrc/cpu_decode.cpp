@@ -21,19 +21,31 @@ namespace {
 constexpr int64_t kVectors = 3;                // AVX-512 vectors of 16 floats per panel row
 constexpr int64_t kPanel = 16 * kVectors;      // output columns per panel
 constexpr int64_t kRows = 8;                   // rows of x per register block (24 accumulators)
-// software prefetch, in panel rows ahead: to L2 4 KiB ahead, to L1 1.5 KiB ahead. The hardware
-// prefetcher alone restarts at every 4 KiB page and falls behind once 8 rows of FMAs slow the loop:
-// these two cut the 8-row matmuls of a GPT-2 124M step from ~5 ms slower than 1 row to ~2 ms
-constexpr int64_t kPrefetchL2 = 4096 / (4 * kPanel);
-constexpr int64_t kPrefetchL1 = 8;
+// software prefetch, in bytes ahead: to L2 4 KiB, to L1 1.5 KiB. The hardware prefetcher alone
+// restarts at every 4 KiB page and falls behind once 8 rows of FMAs slow the loop: these two cut the
+// 8-row matmuls of a GPT-2 124M step from ~5 ms slower than 1 row to ~2 ms
+constexpr int64_t kPrefetchL2 = 4096;
+constexpr int64_t kPrefetchL1 = 1536;
 
-// (N, K) -> (ceil(N / 48), K, 48), zero-padded columns
+// (N, K) -> (ceil(N / 48), K, 48), zero-padded columns, any dtype
 at::Tensor pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack: a float32 matrix");
+  TORCH_CHECK(weight.dim() == 2, "pack: a matrix");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
   auto padded = at::zeros({panels * kPanel, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
   return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+}
+
+// weight-only int8: round(W / s) with one scale s = max |W[c]| / 127 per output channel c;
+// returns the int8 panels and the scales (zero-padded like the panels)
+std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack_int8: a float32 matrix");
+  const auto scales = weight.abs().amax(1).clamp_min(1e-12f) / 127.0f;
+  const auto q = at::round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(at::kChar);
+  const auto panels = pack(q);
+  auto padded_scales = at::zeros({panels.size(0) * kPanel}, weight.options());
+  padded_scales.narrow(0, 0, weight.size(0)).copy_(scales);
+  return {panels, padded_scales};
 }
 
 // e^x, 16 at a time: 2^n e^r with r = x - n ln 2 and Cephes' expf polynomial (rel. error < 2e-7)
@@ -58,68 +70,106 @@ inline __m512 gelu_tanh16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2z)));
 }
 
-// y[r, 0:cols] = x[r] . panel (+ bias), then GELU if GELU, for ROWS rows of x (row stride k) and y (row stride ldy)
-template <int ROWS, bool GELU>
-void panel_block(const float* x, int64_t k, const float* panel, const float* bias, float* y,
+// 16 weights of a panel row as floats: float32 as they are, int8 widened (the scale comes at the end)
+inline __m512 load16(const float* w) { return _mm512_load_ps(w); }
+inline __m512 load16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+// y[r, 0:cols] = (x[r] . panel) * scale + bias, then GELU if GELU, for ROWS rows of x (row stride k)
+// and y (row stride ldy); scale and bias may be null
+template <int ROWS, bool GELU, typename W>
+void panel_block(const float* x, int64_t k, const W* panel, const float* scale, const float* bias, float* y,
                  int64_t ldy, int64_t cols) {
-  __m512 acc[ROWS][kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
-    for (int r = 0; r < ROWS; ++r) acc[r][v] = b;
-  }
-  for (int64_t i = 0; i < k; ++i) {
-    __m512 w[kVectors];
-    for (int v = 0; v < kVectors; ++v) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (i + kPrefetchL2) * kPanel + 16 * v), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (i + kPrefetchL1) * kPanel + 16 * v), _MM_HINT_T0);
-      w[v] = _mm512_load_ps(panel + i * kPanel + 16 * v);
+  constexpr int64_t row_bytes = kPanel * sizeof(W);
+  // independent partial sums: with one or two rows, the FMA latency chain through each accumulator,
+  // not the memory, would bound the loop (int8 rows are only 48 bytes)
+  constexpr int kBanks = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
+  const char* bytes = reinterpret_cast<const char*>(panel);
+  __m512 acc[kBanks][ROWS][kVectors];
+  for (int bank = 0; bank < kBanks; ++bank)
+    for (int r = 0; r < ROWS; ++r)
+      for (int v = 0; v < kVectors; ++v) acc[bank][r][v] = _mm512_setzero_ps();
+  const auto step = [&](int64_t i, __m512 (&sums)[ROWS][kVectors]) {
+    for (int64_t line = 0; line < row_bytes; line += 64) {
+      _mm_prefetch(bytes + i * row_bytes + kPrefetchL2 + line, _MM_HINT_T1);
+      _mm_prefetch(bytes + i * row_bytes + kPrefetchL1 + line, _MM_HINT_T0);
     }
+    __m512 w[kVectors];
+    for (int v = 0; v < kVectors; ++v) w[v] = load16(panel + i * kPanel + 16 * v);
     for (int r = 0; r < ROWS; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * k + i]);
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(xr, w[v], acc[r][v]);
+      for (int v = 0; v < kVectors; ++v) sums[r][v] = _mm512_fmadd_ps(xr, w[v], sums[r][v]);
     }
-  }
+  };
+  int64_t i = 0;
+  for (; i + kBanks <= k; i += kBanks)
+    for (int bank = 0; bank < kBanks; ++bank) step(i + bank, acc[bank]);
+  for (; i < k; ++i) step(i, acc[0]);
+  for (int bank = 1; bank < kBanks; ++bank)
+    for (int r = 0; r < ROWS; ++r)
+      for (int v = 0; v < kVectors; ++v) acc[0][r][v] = _mm512_add_ps(acc[0][r][v], acc[bank][r][v]);
   for (int v = 0; v < kVectors; ++v) {  // the last panel is partial: masked stores
     const int64_t left = cols - 16 * v;
     const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1;
-    for (int r = 0; r < ROWS; ++r)
-      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask, GELU ? gelu_tanh16(acc[r][v]) : acc[r][v]);
+    const __m512 s = scale ? _mm512_loadu_ps(scale + 16 * v) : _mm512_set1_ps(1.0f);
+    const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 out = _mm512_fmadd_ps(acc[0][r][v], s, b);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask, GELU ? gelu_tanh16(out) : out);
+    }
   }
 }
 
-using BlockFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
-constexpr BlockFn kBlocks[2][kRows] = {
-    {panel_block<1, false>, panel_block<2, false>, panel_block<3, false>, panel_block<4, false>,
-     panel_block<5, false>, panel_block<6, false>, panel_block<7, false>, panel_block<8, false>},
-    {panel_block<1, true>, panel_block<2, true>, panel_block<3, true>, panel_block<4, true>,
-     panel_block<5, true>, panel_block<6, true>, panel_block<7, true>, panel_block<8, true>}};
+template <typename W>
+using BlockFn = void (*)(const float*, int64_t, const W*, const float*, const float*, float*, int64_t, int64_t);
 
-// x (..., K) float32, panels from pack(), bias: None or (panels * 48) zero-padded; returns (..., n)
-at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                  int64_t n, bool gelu) {
-  const int64_t k = panels.size(1), num_panels = panels.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k, "linear: float32 input of width ", k);
-  TORCH_CHECK(panels.is_contiguous() && n <= num_panels * kPanel, "linear: panels from pack()");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == num_panels * kPanel), "linear: padded bias");
-  const auto rows_x = x.reshape({-1, k}).contiguous();
-  const int64_t rows = rows_x.size(0);
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  auto y = at::empty({rows, n}, x.options());
-  const float* xp = rows_x.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+template <typename W, bool GELU>
+constexpr BlockFn<W> kBlocks[kRows] = {panel_block<1, GELU, W>, panel_block<2, GELU, W>, panel_block<3, GELU, W>,
+                                       panel_block<4, GELU, W>, panel_block<5, GELU, W>, panel_block<6, GELU, W>,
+                                       panel_block<7, GELU, W>, panel_block<8, GELU, W>};
+
+template <typename W>
+void run_panels(const float* x, int64_t rows, int64_t k, const W* panels, int64_t num_panels, const float* scale,
+                const float* bias, float* y, int64_t n, bool gelu) {
+  const BlockFn<W>* blocks = gelu ? kBlocks<W, true> : kBlocks<W, false>;
   // threads split the panels: each streams its own contiguous part of the weights
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
       for (int64_t r = 0; r < rows; r += kRows) {  // later row blocks find the panel in cache
         const int64_t block = std::min(kRows, rows - r);
-        kBlocks[gelu][block - 1](xp + r * k, k, wp + p * k * kPanel, bp ? bp + col : nullptr, yp + r * n + col, n, cols);
+        blocks[block - 1](x + r * k, k, panels + p * k * kPanel, scale ? scale + col : nullptr,
+                          bias ? bias + col : nullptr, y + r * n + col, n, cols);
       }
     }
   });
+}
+
+// x (..., K) float32; panels from pack() (float32) or pack_int8() (int8, with its scales); bias: None
+// or zero-padded like the panels; returns (..., n), GELU applied if gelu
+at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& scales,
+                  const std::optional<at::Tensor>& bias, int64_t n, bool gelu) {
+  const int64_t k = panels.size(1), num_panels = panels.size(0), padded = num_panels * kPanel;
+  const bool int8 = panels.scalar_type() == at::kChar;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k, "linear: float32 input of width ", k);
+  TORCH_CHECK(panels.is_contiguous() && panels.dim() == 3 && panels.size(2) == kPanel && n <= padded &&
+              (int8 || panels.scalar_type() == at::kFloat), "linear: panels from pack() or pack_int8()");
+  TORCH_CHECK(int8 == scales.has_value() && (!scales || (scales->is_contiguous() && scales->numel() == padded)),
+              "linear: int8 panels take their padded scales, float32 panels none");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == padded), "linear: padded bias");
+  const auto rows_x = x.reshape({-1, k}).contiguous();
+  const int64_t rows = rows_x.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  auto y = at::empty({rows, n}, x.options());
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  if (int8)
+    run_panels(rows_x.data_ptr<float>(), rows, k, panels.data_ptr<int8_t>(), num_panels,
+               scales->data_ptr<float>(), bp, y.data_ptr<float>(), n, gelu);
+  else
+    run_panels(rows_x.data_ptr<float>(), rows, k, panels.data_ptr<float>(), num_panels, nullptr, bp,
+               y.data_ptr<float>(), n, gelu);
   return y.view(sizes);
 }
 
@@ -197,7 +247,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(gptlab_cpu, m) {
   m.def("pack(Tensor weight) -> Tensor", &pack);
-  m.def("linear(Tensor x, Tensor panels, Tensor? bias, int n, bool gelu=False) -> Tensor", &linear);
+  m.def("pack_int8(Tensor weight) -> (Tensor, Tensor)", &pack_int8);
+  m.def("linear(Tensor x, Tensor panels, Tensor? scales, Tensor? bias, int n, bool gelu=False) -> Tensor", &linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions)"
         " -> Tensor", &decode_attention);
 }
