@@ -35,6 +35,7 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/tokenize.py
 	$(BIN)/python benchmarks/generate.py --quick
+	$(BIN)/python benchmarks/linear.py --quick
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
