@@ -62,11 +62,12 @@ class KVCache:
         start_tensor = torch.tensor(starts, device=device)[:, None]
         positions = start_tensor + torch.arange(new_tokens, device=device)
         # one new token per row of a slice, in inference: gptlab's CPU kernel writes and attends in one op
-        self._fused = None
+        # (fused_ops: torch.ops.gptlab_cpu for such a pass, else None)
+        self.fused_ops = None
         if (not prefill and new_tokens == 1 and isinstance(rows, slice) and device.type == "cpu"
                 and self.k.dtype == torch.float32 and self.k.size(-1) % 16 == 0 and not torch.is_grad_enabled()):
-            self._fused, self._new_positions = kernels.cpu_kernels(), start_tensor[:, 0]
-            if self._fused is not None:
+            self.fused_ops, self._new_positions = kernels.cpu_kernels(), start_tensor[:, 0]
+            if self.fused_ops is not None:
                 return positions
         # all rows at the same position (batch 1, prefill, beams): plain slice writes, no mask
         self._start = starts[0] if starts and min(starts) == max(starts) else None
@@ -81,6 +82,13 @@ class KVCache:
             self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, L)
         return positions
 
+    def decode_blocks(self, x: torch.Tensor, block_tensors: list[torch.Tensor], config: GPTConfig) -> torch.Tensor:
+        """All blocks of a fused decode pass (fused_ops set by plan) in one kernel call: x (B, 1, C)."""
+        out = self.fused_ops.decode_blocks.default(x.view(x.size(0), -1), block_tensors, self.k[:, self._rows],
+                                                   self.v[:, self._rows], self._new_positions, config.n_head,
+                                                   config.layer_norm_eps)
+        return out.view_as(x)
+
     def reorder(self, rows: torch.Tensor, length: int) -> None:
         """Row i takes the first `length` cached positions of row rows[i] (beam search)."""
         self.k[:, :, :, :length] = self.k[:, rows, :, :length]
@@ -89,8 +97,8 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
-        if self._fused is not None:
-            return self._fused.decode_attention.default(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
+        if self.fused_ops is not None:
+            return self.fused_ops.decode_attention.default(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
         if isinstance(self._write_rows, slice):
             end = self._start + k.size(2)
             k_cache[self._write_rows, :, self._start: end] = k
@@ -192,6 +200,9 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2): one matrix, two roles
         # recompute each block's activations in backward instead of keeping them (--activation-checkpointing)
         self.activation_checkpointing = False
+        # every block's weights in the form of gptlab's fused CPU decode step (set by
+        # quantize.prepare_cpu_inference for frozen inference models; None: the blocks run one by one)
+        self.block_tensors: list[torch.Tensor] | None = None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the residual stream's variance stays put with depth
         for name, param in self.named_parameters():
@@ -225,6 +236,8 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.position_embedding(positions))
+        if cache is not None and cache.fused_ops is not None and self.block_tensors is not None:
+            return self.transformer.ln_f(cache.decode_blocks(x, self.block_tensors, self.config))
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cache, use_reentrant=False)  # keeps only the block's input

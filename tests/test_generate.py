@@ -320,6 +320,34 @@ def test_cpu_linear_layouts_give_the_same_results(peer, monkeypatch, kernel):
     assert prepared.lm_head.weight.grad is not None
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_fused_decode_step_equals_the_blocks_one_by_one(peer, int8):
+    """prepare_cpu_inference's block_tensors: all blocks of a decode step in one kernel call, against
+    the same prepared model running its blocks in Python, rows at different positions."""
+    if kernels.cpu_kernels() is None:
+        pytest.skip("no gptlab kernels on this CPU")
+    _, model = peer
+    prepared = copy.deepcopy(model)
+    if int8:
+        quantize_int8(prepared)
+    prepare_cpu_inference(prepared)
+    assert prepared.block_tensors is not None and len(prepared.block_tensors) == 16 * prepared.config.n_layer
+    prompts = random_prompts([5, 9, 2], seed=11)
+    logits, block_tensors = [], prepared.block_tensors
+    for fused in (True, False):
+        cache = KVCache(prepared.config, batch_size=3, max_len=32)
+        prepared.block_tensors = block_tensors if fused else None
+        with torch.inference_mode():
+            width = max(map(len, prompts))
+            idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+            last = torch.tensor([len(p) - 1 for p in prompts])
+            prepared.forward_cached(idx, cache, slice(0, 3), [0, 0, 0], prefill=True, last=last)
+            step = torch.tensor([[1], [2], [3]])
+            logits.append(prepared.forward_cached(step, cache, slice(0, 3), [len(p) for p in prompts], prefill=False))
+        assert cache.fused_ops is not None  # a pass the kernels take: the difference is block_tensors alone
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["weight-only-int8", "fbgemm-dynamic-int8"])
 def test_int8_model_stays_close_to_float(peer, tokenizer, monkeypatch, kernel):
     if not kernel:
