@@ -15,11 +15,8 @@ import csv
 import gzip
 import importlib.util
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +24,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from gptlab.checkpoint import atomic_directory
 from gptlab.data import DataError
 
 SPLITS = ("train", "val", "test")
@@ -185,11 +183,9 @@ def build(name: str, out: str | Path | None = None) -> dict:
     out = Path(out or f"data/{name}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} already exists (remove it or choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     counts = Counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         with contextlib.ExitStack() as stack:
             handles = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
                        for split in SPLITS}
@@ -201,10 +197,4 @@ def build(name: str, out: str | Path | None = None) -> dict:
                 "source": source.origin, **{f"{split}_records": counts[split] for split in SPLITS},
                 "skipped": dict(skipped)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

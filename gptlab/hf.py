@@ -7,16 +7,13 @@ HF's GPT-2 stores its linear layers as `Conv1D` with weights shaped (in, out); o
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from gptlab import tokenizer as tok
-from gptlab.checkpoint import CheckpointError, load_weights
+from gptlab.checkpoint import CheckpointError, atomic_directory, load_weights
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
@@ -98,9 +95,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> None:
         if key == "lm_head.weight":
             continue  # tied to wte; safetensors forbids shared storage and HF re-ties on load
         weights[key] = (tensor.t() if key.endswith(CONV1D) else tensor).detach().float().contiguous().clone()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer.eot_id), indent=2))
         tokenizer.save(tmp)
@@ -108,9 +103,3 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> None:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size, **special}, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+from gptlab.checkpoint import atomic_directory
 
 # the four linear layers of a GPT-2 block, named as in HF GPT-2 (and so as PEFT's target_modules)
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -156,14 +155,6 @@ def export_peft(model: nn.Module, config: LoRAConfig, out: str | Path, base_mode
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LoRAError(f"output directory {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

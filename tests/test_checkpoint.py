@@ -1,0 +1,28 @@
+"""checkpoint.atomic_directory: the directory appears whole or not at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptlab.checkpoint import atomic_directory
+
+
+def test_atomic_directory_appears_only_when_complete(tmp_path):
+    out = tmp_path / "nested" / "export"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not out.exists()  # nothing visible until the block ends
+    assert (out / "a.txt").read_text() == "a"
+    assert [p.name for p in out.parent.iterdir()] == ["export"]  # no temporary left beside it
+
+
+def test_atomic_directory_leaves_nothing_when_the_write_fails(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()  # an empty directory may be replaced
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["export"]
+    with atomic_directory(out) as tmp:
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert [p.name for p in out.iterdir()] == ["whole.bin"]
