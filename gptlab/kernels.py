@@ -2,9 +2,11 @@
 
 Decoding reads every weight and every cached key and value once per step for a handful of rows, so
 its speed is that of memory; the library kernels leave 25-50% of it on the table at these shapes:
-- `linear`: a matmul for 1-32 rows over weights repacked in 48-column panels (`quantize.CPULinear`);
+- `pack` / `pack_int8` + `linear`: a matmul for 1-256 rows over float32 or int8 weights repacked in
+  48-column panels, GELU optionally applied as it stores (`quantize.CPULinear`, `quantize.Int8Linear`);
 - `decode_attention`: one new token per row at its own position, written into the KV cache and
-  attended over the row's prefix in one pass (`model.KVCache`).
+  attended over the row's prefix in one pass (`model.KVCache`);
+- `decode_blocks`: every block of a decode step in one call (`model.GPT.block_tensors`).
 torch.utils.cpp_extension compiles the file once per machine (~10 s) and caches the library. Where
 that cannot happen (a CPU without AVX-512, no C++ compiler) or with GPTLAB_NO_KERNEL=1, `cpu_kernels()`
 is None and callers use PyTorch's own kernels: same results, less speed.
@@ -25,7 +27,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
 
 @functools.cache
 def cpu_kernels():
-    """`torch.ops.gptlab_cpu` (pack, linear, decode_attention), or None where they cannot run."""
+    """`torch.ops.gptlab_cpu` (the ops listed above), or None where they cannot run."""
     if os.environ.get("GPTLAB_NO_KERNEL") == "1" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return None
     try:

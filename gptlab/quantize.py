@@ -60,13 +60,14 @@ class CPULinear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            return self._activate(F.linear(x, self.weight, self.bias))
         rows = x.numel() // x.size(-1)
         kernel = kernels.cpu_kernels()
-        if self.training or torch.is_grad_enabled() or (kernel is not None and (
-                rows > PANEL_MAX_ROWS or x.dtype != torch.float32)):
-            return self._activate(F.linear(x, self.weight, self.bias))
         if kernel is not None:
-            return kernel.linear.default(x, *self.panel_tensors(), self.out_features, self.gelu)
+            if rows <= PANEL_MAX_ROWS and x.dtype == torch.float32:
+                return kernel.linear.default(x, *self.panel_tensors(), self.out_features, self.gelu)
+            return self._activate(F.linear(x, self.weight, self.bias))
         if rows == 1:
             return self._activate(F.linear(x, self.weight, self.bias))
         if self._packed is None:
@@ -116,11 +117,12 @@ def _block_tensors(model: GPT) -> list[torch.Tensor] | None:
     for block in model.transformer.h:
         linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         if not all(isinstance(linear, (CPULinear, Int8Linear)) and linear.gelu == (linear is block.mlp.c_fc)
-                   and not (isinstance(linear, Int8Linear) and linear._panels is None) for linear in linears):
-            return None  # e.g. LoRA layers, or int8 through fbgemm
-        if not isinstance(block.mlp.act, nn.Identity) or block.attn.head_dim % 16:
-            return None
-        panels = [[empty if t is None else t for t in linear.panel_tensors()] for linear in linears]
+                   for linear in linears) or not isinstance(block.mlp.act, nn.Identity) or block.attn.head_dim % 16:
+            return None  # e.g. LoRA layers, a GELU left unfolded
+        per_linear = [linear.panel_tensors() for linear in linears]
+        if None in per_linear:
+            return None  # int8 through fbgemm: no panels
+        panels = [[empty if t is None else t for t in group] for group in per_linear]
         norms = [[empty if t is None else t.detach() for t in (ln.weight, ln.bias)] for ln in (block.ln_1, block.ln_2)]
         tensors += [*norms[0], *panels[0], *panels[1], *norms[1], *panels[2], *panels[3]]
     return tensors
@@ -188,9 +190,9 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.dequantized_weight(), self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
-    def panel_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The kernel's (int8 panels, scales, padded bias) of this layer."""
-        return self._panels, self._scales, self._panel_bias
+    def panel_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The kernel's (int8 panels, scales, padded bias) of this layer; None on the fbgemm path."""
+        return None if self._panels is None else (self._panels, self._scales, self._panel_bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (out, in) float32 matrix the int8 panels stand for (made on each call, not kept)."""
