@@ -69,7 +69,8 @@ def prepare(impl: str, case_name: str, precision: str):
     import torch
 
     from gptlab.config import TrainConfig
-    from gptlab.train import autocast, make_optimizer
+    from gptlab.device import autocast
+    from gptlab.train import make_optimizer
 
     torch.manual_seed(0)
     case = CASES[case_name]

@@ -14,6 +14,7 @@ from gptlab.checkpoint import CheckpointError
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import DataError
 from gptlab.datasets import SOURCES
+from gptlab.device import PRECISIONS
 from gptlab.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, OSError)
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16-mixed where the device runs bf16 natively, else fp32")
     p.set_defaults(func=cmd_eval_task)
 
     p = sub.add_parser("merge-lora", help="a full, self-contained checkpoint from a fine-tuning run")

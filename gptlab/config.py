@@ -117,7 +117,8 @@ class TrainConfig:
     ckpt_interval: int = 250
     seed: int = 1337
     device: str = "auto"
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "bf16-mixed"
+    # auto: bf16-mixed where the device multiplies bf16 natively, else fp32 (fp16-mixed on older GPUs); see device.py
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"
     resume: bool = False
     # scaling out (see docs/TRAINING.md); under torchrun, batch_size and grad_accum are per process
     strategy: Literal["ddp", "fsdp"] = "ddp"  # how several processes share the work: replicate or shard
@@ -141,8 +142,8 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
         _check(self.eval_batches is None or self.eval_batches > 0,
                f"eval_batches must be positive, got {self.eval_batches}")
-        _check(self.precision in ("fp32", "bf16-mixed", "fp16-mixed"),
-               f"precision must be fp32, bf16-mixed or fp16-mixed, got {self.precision!r}")
+        _check(self.precision in ("auto", "fp32", "bf16-mixed", "fp16-mixed"),
+               f"precision must be auto, fp32, bf16-mixed or fp16-mixed, got {self.precision!r}")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         _check(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
         _check(self.global_batch_tokens is None or (isinstance(self.global_batch_tokens, int)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.datasets import require
-from gptlab.train import autocast, select_device
+from gptlab.device import autocast, resolve_precision, select_device
 
 GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
@@ -148,7 +148,7 @@ def classify(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
 
 def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,
-              batch_size: int = 32, device: str = "auto", precision: str = "fp32", log=print) -> dict[str, Any]:
+              batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print) -> dict[str, Any]:
     """`gptlab eval-task`: a checkpoint's task metrics on a JSONL file.
 
     A classifier checkpoint is scored on {"text","label"} records; any language model (fine-tuned or not,
@@ -157,7 +157,10 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
     from gptlab import finetune  # finetune builds on this module, so it is imported here, not at the top
 
     model, tokenizer, info = finetune.load_finetuned(ckpt)
-    model.to(select_device(device))
+    device = select_device(device)
+    model.to(device)
+    precision, why = resolve_precision(precision, device)
+    log(f"precision: {precision} ({why})")
     block, pad = model.config.block_size, tokenizer.eot_id
     if info["config"]["task"] == "classify":
         examples, _ = finetune.load_classify(data, tokenizer, block, info["labels"], log)

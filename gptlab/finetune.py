@@ -47,9 +47,10 @@ from gptlab import checkpoint, distributed, evaluate, hf, lora
 from gptlab.checkpoint import CheckpointError
 from gptlab.config import ConfigError, GPTConfig, TrainConfig, load_yaml
 from gptlab.data import DataError
+from gptlab.device import autocast, select_device
 from gptlab.model import GPT, linear_cross_entropy
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import Task, autocast, fit, grad_accum_steps, select_device
+from gptlab.train import Task, fit, grad_accum_steps, with_precision
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # cross_entropy's ignore_index: positions that contribute no loss and no gradient
@@ -434,6 +435,7 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     if ft.task == "sft":
         evaluate.require_metric_packages()
     device = select_device(cfg.device)
+    cfg = with_precision(cfg, device, log)
     gpt, tokenizer = checkpoint.load_model(cfg.init)
     block = gpt.config.block_size
     torch.manual_seed(cfg.seed)  # the same head / LoRA / from-scratch initialisation on resume

@@ -435,7 +435,7 @@ class LanguageModel:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
         """A checkpoint (or HF GPT-2 directory) ready to generate; quantize="int8" for int8 weights (CPU)."""
-        from gptlab.train import select_device
+        from gptlab.device import select_device
 
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")

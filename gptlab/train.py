@@ -4,7 +4,6 @@ FSDP2 under torchrun), periodic evaluation, metrics, atomic checkpoints and exac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -19,35 +18,13 @@ from tqdm import tqdm
 from gptlab import checkpoint, distributed
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
+from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
 from gptlab.model import GPT, Block
 from gptlab.tokenizer import Tokenizer
 
 Batch = Any  # whatever the task's loss function takes; (x, y) for language modelling
 DEFAULT_TOKENIZER = "bpe:4096"  # what `gptlab prepare` trains for the bundled corpus
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """The best available device; under torchrun each process takes the GPU of its local rank."""
-    if name != "auto":
-        device = torch.device(name)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    local_rank = distributed.local_rank()
-    if device.type == "cuda" and device.index is None and local_rank is not None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -283,6 +260,13 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     return GPT(dataclasses.replace(cfg.model_config(), vocab_size=tokenizer.vocab_size))
 
 
+def with_precision(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainConfig:
+    """cfg with its precision resolved for `device` ("auto": what the device runs natively), said in the log."""
+    precision, why = resolve_precision(cfg.precision, device)
+    log(f"precision: {precision} ({why})")
+    return dataclasses.replace(cfg, precision=precision)
+
+
 def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`gptlab train`: prepare the bundled corpus if needed, build the model, run the loop
     (in every process when launched by torchrun)."""
@@ -290,6 +274,7 @@ def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     with distributed.session(device) as world:
         if not world.is_main:
             log = _silent
+        cfg = with_precision(cfg, device, log)
         data_dir = Path(cfg.data)
         if not (data_dir / "meta.json").is_file():
             if cfg.data != TrainConfig.data:
