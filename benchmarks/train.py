@@ -77,7 +77,7 @@ def prepare(impl: str, case_name: str, precision: str):
     model, loss_of = build(impl, case)
     model.train()
     device = torch.device("cpu")
-    optimizer = make_optimizer(model, TrainConfig(), device)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3), device)
     # a new random batch every step, the same sequence for both sides: repeating one batch would let the
     # models memorise it, and the extreme logits that follow make float denormals that slow the CPU down
     generator = torch.Generator().manual_seed(0)

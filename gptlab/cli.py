@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from gptlab.checkpoint import CheckpointError
-from gptlab.config import ConfigError, TrainConfig
+from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS, ConfigError, TrainConfig
 from gptlab.data import DataError
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
@@ -39,6 +39,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, defau
             continue
         flag = "--" + field.name.replace("_", "-")
         default = (defaults or {}).get(field.name, field.default)
+        if default is None and field.name in DEFAULT_RUN_FIELDS:
+            default = "the default run's: " + ", ".join(f"{run[field.name]} ({machine})" for machine, run in DEFAULT_RUNS.items())
         if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", default=None)
             continue

@@ -92,6 +92,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The default run, `gptlab train` with no arguments (the `tiny` preset on the bundled corpus), sized per machine
+# class so that `make demo` finishes in under 10 minutes on 2 cores (measurements: docs/BENCHMARKS.md):
+# - "native-bf16": a device that multiplies bf16 in hardware (CPUs with AVX512_BF16 or AMX, GPUs), trained in
+#   bf16-mixed: 7.4M tokens (5.1 epochs of the corpus), val_bpb 2.09 on a 2-core AVX-512 Zen 4;
+# - "fp32": the rest, trained in fp32 (on an AVX2 CPU ~4k tokens/s, a quarter of the above).
+DEFAULT_RUNS: dict[str, dict[str, Any]] = {
+    "native-bf16": dict(max_steps=1800, batch_size=16, lr=2e-3, warmup_steps=100),
+    "fp32": dict(max_steps=640, batch_size=8, lr=2e-3, warmup_steps=50),
+}
+DEFAULT_RUN_FIELDS = ("max_steps", "batch_size", "lr", "warmup_steps")
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one training run (pretraining or fine-tuning)."""
@@ -101,13 +113,13 @@ class TrainConfig:
     data: str = "data/shakespeare"
     out: str = "runs/tiny"
     init: str | None = None  # a gptlab checkpoint or Hugging Face GPT-2 directory to start from
-    # the defaults are the `tiny` run: 7.4M tokens (5.1 epochs of the bundled corpus) in 7-9 min on 2 cores
-    max_steps: int = 1800
-    batch_size: int = 16
+    # None: the default run's value for this machine class (DEFAULT_RUNS, resolved at the start of a run)
+    max_steps: int | None = None
+    batch_size: int | None = None
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float | None = None
     min_lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -131,12 +143,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "ckpt_interval"):
             value, limit = getattr(self, name), 65536 if name in ("batch_size", "grad_accum") else 10**9
-            _check(isinstance(value, int) and 0 < value <= limit,
+            _check(value is None and name in DEFAULT_RUN_FIELDS or isinstance(value, int) and 0 < value <= limit,
                    f"{name} must be an integer in [1, {limit}], got {value!r}")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+        _check(self.warmup_steps is None or isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
-        _check(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        _check(self.lr is None or 0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
+        lr = self.lr or min(run["lr"] for run in DEFAULT_RUNS.values())
+        _check(0 <= self.min_lr <= lr, f"min_lr must be in [0, lr ({lr})], got {self.min_lr}")
         _check(0 <= self.weight_decay <= 10, f"weight_decay must be in [0, 10], got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
@@ -152,6 +165,11 @@ class TrainConfig:
         _check(self.logger in ("csv", "tensorboard"), f"logger must be csv or tensorboard, got {self.logger!r}")
         _check(self.peak_flops is None or self.peak_flops > 0, f"peak_flops must be positive, got {self.peak_flops}")
         self.model_config()  # validates preset and overrides early
+
+    def with_default_run(self, machine: str) -> TrainConfig:
+        """This config with the fields left at None taken from DEFAULT_RUNS[machine]."""
+        run = DEFAULT_RUNS[machine]
+        return dataclasses.replace(self, **{k: v for k, v in run.items() if getattr(self, k) is None})
 
     def model_config(self) -> GPTConfig:
         return GPTConfig.from_preset(self.preset, **self.model)

@@ -50,7 +50,7 @@ from gptlab.data import DataError
 from gptlab.device import autocast, select_device
 from gptlab.model import GPT, linear_cross_entropy
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import Task, fit, grad_accum_steps, with_precision
+from gptlab.train import Task, fit, grad_accum_steps, resolve
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # cross_entropy's ignore_index: positions that contribute no loss and no gradient
@@ -435,7 +435,7 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     if ft.task == "sft":
         evaluate.require_metric_packages()
     device = select_device(cfg.device)
-    cfg = with_precision(cfg, device, log)
+    cfg = resolve(cfg, device, log)
     gpt, tokenizer = checkpoint.load_model(cfg.init)
     block = gpt.config.block_size
     torch.manual_seed(cfg.seed)  # the same head / LoRA / from-scratch initialisation on resume

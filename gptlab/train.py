@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab import checkpoint, distributed
-from gptlab.config import ConfigError, TrainConfig
+from gptlab.config import DEFAULT_RUN_FIELDS, ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
@@ -260,11 +260,19 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     return GPT(dataclasses.replace(cfg.model_config(), vocab_size=tokenizer.vocab_size))
 
 
-def with_precision(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainConfig:
-    """cfg with its precision resolved for `device` ("auto": what the device runs natively), said in the log."""
+def resolve(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> TrainConfig:
+    """cfg as it runs on `device`, each choice said in the log: the precision ("auto": what the device runs
+    natively) and the fields left to the default run of this machine class (config.DEFAULT_RUNS)."""
     precision, why = resolve_precision(cfg.precision, device)
     log(f"precision: {precision} ({why})")
-    return dataclasses.replace(cfg, precision=precision)
+    cfg = dataclasses.replace(cfg, precision=precision)
+    unset = [name for name in DEFAULT_RUN_FIELDS if getattr(cfg, name) is None]
+    if not unset:
+        return cfg
+    machine = "fp32" if precision == "fp32" else "native-bf16"
+    cfg = cfg.with_default_run(machine)
+    log(f"default run for a {machine} machine: " + ", ".join(f"{name} {getattr(cfg, name)}" for name in unset))
+    return cfg
 
 
 def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -274,7 +282,7 @@ def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     with distributed.session(device) as world:
         if not world.is_main:
             log = _silent
-        cfg = with_precision(cfg, device, log)
+        cfg = resolve(cfg, device, log)
         data_dir = Path(cfg.data)
         if not (data_dir / "meta.json").is_file():
             if cfg.data != TrainConfig.data:

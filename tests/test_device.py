@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptlab import checkpoint, device
-from gptlab.train import pretrain
+from gptlab.config import DEFAULT_RUNS, TrainConfig
+from gptlab.train import pretrain, resolve
 from tests.conftest import tiny_train_config
 
 CPU = torch.device("cpu")
@@ -59,3 +60,15 @@ def test_training_logs_and_records_the_resolved_precision(data_dir, tmp_path):
     resolved, why = device.resolve_precision("auto", CPU)
     assert f"precision: {resolved} ({why})" in lines
     assert checkpoint.load(tmp_path / checkpoint.CKPT_NAME)["train_config"]["precision"] == resolved
+
+
+@pytest.mark.parametrize(("native", "machine"), [(True, "native-bf16"), (False, "fp32")])
+def test_default_run_follows_the_machine_class_and_flags_win(monkeypatch, native, machine):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    lines = []
+    cfg = resolve(TrainConfig(lr=5e-3), CPU, lines.append)
+    run = DEFAULT_RUNS[machine]
+    assert (cfg.max_steps, cfg.batch_size, cfg.warmup_steps, cfg.lr) == (run["max_steps"], run["batch_size"],
+                                                                          run["warmup_steps"], 5e-3)
+    assert lines[-1] == (f"default run for a {machine} machine: max_steps {run['max_steps']}, "
+                         f"batch_size {run['batch_size']}, warmup_steps {run['warmup_steps']}")
