@@ -95,10 +95,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _run_training(cfg: TrainConfig, args: argparse.Namespace, run: typing.Callable[[], dict]) -> dict | None:
     """Start or resume a run (never over an existing checkpoint without --resume), as torchrun's launcher
     when --nproc > 1; returns the result on rank 0 only (one summary line per run, not per process)."""
-    from gptlab import distributed
+    from gptlab import checkpoint, distributed
     from gptlab.metrics import require_tensorboard
 
-    if not cfg.resume and (Path(cfg.out) / "ckpt.pt").exists():
+    if not cfg.resume and checkpoint.find(cfg.out):
         _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:

@@ -133,7 +133,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
         ckpt_path = out / checkpoint.CKPT_NAME
         gpt = distributed.gpt_of(model)
         accum = grad_accum_steps(cfg, gpt.config.block_size, world.size)
-        if cfg.resume and not ckpt_path.is_file():
+        if cfg.resume and checkpoint.find(out) is None:
             raise ConfigError(f"--resume: no checkpoint in {out}")
 
         model.to(device)
@@ -148,7 +148,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
         progress = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
         if cfg.resume:
-            progress = _resume(ckpt_path, train_model, optimizer, scaler, device, world, log)
+            progress = _resume(checkpoint.resolve(out), train_model, optimizer, scaler, device, world, log)
         elif world.size > 1:
             torch.manual_seed(cfg.seed + world.rank)  # dropout masks differ between ranks (init is done)
         step = progress["step"]

@@ -76,7 +76,7 @@ def chat_ckpt(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.transformer.wte.weight.mul_(10)
     path = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
-    checkpoint.save(path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+    checkpoint.save(path / checkpoint.CKPT_NAME, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                        "tokenizer": load("gpt2").to_dict(), "step": 0})
     return path
 

@@ -238,8 +238,8 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(data_dir, tmp_pat
     assert saved["step"] % 3 == 0 and saved["step"] >= 12
     resumed = _gptlab("train", *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {tmp_path / 'killed' / 'ckpt.pt'} at step {saved['step']}" in resumed.stdout
-    assert not (tmp_path / "killed" / ".ckpt.pt.tmp").exists()
+    assert f"resumed from {tmp_path / 'killed' / checkpoint.CKPT_NAME} at step {saved['step']}" in resumed.stdout
+    assert [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")] == []  # no temporary left
 
     straight = tiny_train_config(data_dir, tmp_path / "straight", max_steps=60, ckpt_interval=3, eval_interval=1000,
                                  eval_batches=2, warmup_steps=5)
