@@ -88,12 +88,12 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
             os.close(fd)
         os.replace(tmp / path.name, path)
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {_os_reason(err)}") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {os_reason(err)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _os_reason(err: BaseException) -> str:
+def os_reason(err: BaseException) -> str:
     """The operating system's words for a failed read or write (safetensors wraps them in its own)."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
@@ -202,7 +202,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_os_reason(err)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {os_reason(err)}") from None
     if metadata.get("gptlab_format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a gptlab checkpoint"
                               " (a Hugging Face model? pass its directory)")

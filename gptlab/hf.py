@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab import tokenizer as tok
-from gptlab.checkpoint import CheckpointError, atomic_directory, load_weights
+from gptlab.checkpoint import CheckpointError, atomic_directory, load_weights, os_reason
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
@@ -120,7 +120,10 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> None:
             continue  # tied to wte; safetensors forbids shared storage and HF re-ties on load
         weights[key] = (tensor.t() if key.endswith(CONV1D) else tensor).detach().float().contiguous().clone()
     with atomic_directory(out) as tmp:
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        try:
+            save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        except SafetensorError as err:  # a full disk: the directory is removed, the error names where it went
+            raise CheckpointError(f"cannot write {out / 'model.safetensors'}: {os_reason(err)}") from None
         (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer.eot_id), indent=2))
         tokenizer.save(tmp)
         special = {"bos_token": tok.EOT, "eos_token": tok.EOT, "unk_token": tok.EOT}

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import random
-import resource
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -153,13 +148,6 @@ def test_damaged_or_foreign_files_are_clear_errors(tmp_path, damage):
         checkpoint.load(path)
 
 
-def _limited_file_size(limit: int):
-    def apply() -> None:  # in the child: writes beyond `limit` bytes fail (EFBIG) like a full disk (ENOSPC)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_a_failed_write_is_an_error_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
     """The write fails half way (the process may write no more bytes to a file): `gptlab train` says so in one
     line, the previous checkpoint stays whole and loadable, and no temporary file is left."""
@@ -167,15 +155,11 @@ def test_a_failed_write_is_an_error_and_keeps_the_previous_checkpoint(data_dir, 
     flags = ["--data", str(data_dir), "--out", str(run), "--block-size", "32", "--n-layer", "2", "--n-head", "2",
              "--n-embd", "32", "--batch-size", "2", "--eval-batches", "1", "--precision", "fp32",
              "--warmup-steps", "1", "--lr", "1e-3", "--min-lr", "1e-4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, "-m", "gptlab", "train", *flags, "--max-steps", "2"], capture_output=True,
-                           text=True, timeout=300, env=env)
+    first = run_cli("train", *flags, "--max-steps", "2")
     assert first.returncode == 0, first.stderr[-2000:]
     path = run / checkpoint.CKPT_NAME
     before = path.read_bytes()
-    resumed = subprocess.run([sys.executable, "-m", "gptlab", "train", *flags, "--max-steps", "4", "--resume"],
-                             capture_output=True, text=True, timeout=300, env=env,
-                             preexec_fn=_limited_file_size(len(before) // 2))
+    resumed = run_cli("train", *flags, "--max-steps", "4", "--resume", max_file_bytes=len(before) // 2)
     assert resumed.returncode == 2
     assert resumed.stderr.splitlines()[-1] == f"gptlab: error: cannot write checkpoint {path}: File too large"
     assert "Traceback" not in resumed.stderr

@@ -122,3 +122,17 @@ def test_config_values_are_checked(hf_dir):
         hf.config_from_hf({**config, "n_layer": "3"}, "x/config.json")
     with pytest.raises(checkpoint.CheckpointError, match="config.json is not a JSON object"):
         hf.config_from_hf([config])
+
+
+def test_export_to_a_full_disk_is_one_error_and_leaves_nothing(hf_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    model, tokenizer = hf.load_hf(hf_dir)
+    checkpoint.save(tmp_path / "model.safetensors", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                                     "tokenizer": tokenizer.to_dict(), "step": 0})
+    out = tmp_path / "export"
+    result = run_cli("convert", "--to-hf", str(tmp_path / "model.safetensors"), "--out", str(out),
+                     max_file_bytes=(tmp_path / "model.safetensors").stat().st_size // 2)
+    assert result.returncode == 2
+    assert result.stderr == f"gptlab: error: cannot write {out / 'model.safetensors'}: File too large\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
