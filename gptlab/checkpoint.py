@@ -4,7 +4,7 @@ atomically. Loading one never runs code from it: tensors are raw bytes, everythi
 Format (FORMAT): every tensor of the payload is a safetensors tensor under its path in the payload
 ("model/transformer.wte.weight", "optimizer/state/0/exp_avg", "rng/0/torch"); the rest of the payload is
 JSON in the header's metadata, under "gptlab_payload", with tagged single-key objects for what JSON lacks
-(see _encode). Checkpoints of gptlab before this format (pickles, `ckpt.pt`) still load, through
+(see _Tensors.encode). Checkpoints of gptlab before this format (pickles, `ckpt.pt`) still load, through
 torch.load(weights_only=True): plain tensors and containers, plus the numpy array of the RNG state.
 """
 
@@ -38,7 +38,8 @@ FORMAT = "gptlab-2"
 LEGACY_FORMAT = "gptlab-1"
 # What torch.load(weights_only=True) must accept beyond tensors and containers in a legacy checkpoint:
 # numpy's RNG state (distributed.rng_state) holds a uint32 array. Rebuilding an array runs no code of the
-# file's choosing. The first is the function numpy pickles arrays with (a private module, named by numpy).
+# file's choosing. The first is numpy's array-rebuilding function, taken from an array's own __reduce__
+# since it lives in a private module.
 LEGACY_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 # JSON stand-ins for values JSON cannot hold: always an object with exactly one of these keys
 TENSOR, NDARRAY, TUPLE, DICT, FLOAT = "__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__"
@@ -208,7 +209,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
                               " (a Hugging Face model? pass its directory)")
     try:
         payload = _decode(json.loads(metadata["gptlab_payload"]), tensors)
-    except (KeyError, TypeError, ValueError) as err:  # a damaged or hand-made header
+    except (KeyError, TypeError, ValueError, RecursionError) as err:  # a damaged or hand-made header
         raise CheckpointError(f"{path}: malformed gptlab payload ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a gptlab checkpoint")
@@ -253,7 +254,7 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
 def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
     """A gptlab checkpoint (file or run directory) or a Hugging Face GPT-2 directory -> (model, tokenizer)."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / CKPT_NAME).is_file():
+    if path.is_dir() and (path / "config.json").is_file() and find(path) is None:
         from gptlab import hf
         return hf.load_hf(path)
     payload = load(path)
