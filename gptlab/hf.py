@@ -22,8 +22,6 @@ from gptlab.tokenizer import Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
 REQUIRED = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")  # config.json keys with no default
 
 

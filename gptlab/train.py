@@ -237,8 +237,8 @@ def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, op
             ) -> dict[str, Any]:
     """Restore weights, optimizer, loss scaler, RNG states and progress; every rank reads the file."""
     payload = checkpoint.load(path)
+    distributed.load_state(model, optimizer, payload["model"], payload["optimizer"])  # another model: refused
     _check_data_order(payload, cfg, distributed.gpt_of(model).config.block_size, accum * world.size)
-    distributed.load_state(model, optimizer, payload["model"], payload["optimizer"])
     if payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
     rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]

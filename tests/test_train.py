@@ -94,23 +94,24 @@ def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path):
 
 def test_resume_with_settings_that_change_the_batches_is_refused(data_dir, tmp_path):
     """Seed, batch size, block size and micro-batches per step decide which batches a step draws: resuming a
-    seed-7 run with --seed 99 (or another of them) would silently continue on other data."""
+    seed-7 run with --seed 99 (or another of them) would silently continue on other data. (Sinusoidal
+    positions: a model of another block size has the same weights, only the data check tells them apart.)"""
     run = tmp_path / "run"
-    pretrain(tiny_train_config(data_dir, run, max_steps=2, seed=7), log=lambda _: None)
+    model = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "pos_encoding": "sinusoidal"}
+    pretrain(tiny_train_config(data_dir, run, max_steps=2, seed=7, model=model), log=lambda _: None)
     saved, metrics = (run / checkpoint.CKPT_NAME).read_bytes(), (run / "metrics.csv").read_text()
-    layout = {"n_layer": 2, "n_head": 2, "n_embd": 32}
     for change, message in [({"seed": 99}, "seed 7, this run has 99"),
                             ({"batch_size": 8}, "batch_size 4, this run has 8"),
-                            ({"model": {**layout, "block_size": 16}}, "block_size 32, this run has 16"),
+                            ({"model": {**model, "block_size": 16}}, "block_size 32, this run has 16"),
                             ({"grad_accum": 2}, r"micro-batches per step \(grad_accum or global_batch_tokens, x "
                                                 r"processes\) 1, this run has 2")]:
+        cfg = tiny_train_config(data_dir, run, **{"max_steps": 4, "seed": 7, "resume": True, "model": model, **change})
         with pytest.raises(ConfigError, match=f"--resume: the checkpoint was trained with {message}; resume with"):
-            pretrain(tiny_train_config(data_dir, run, **{"max_steps": 4, "seed": 7, "resume": True, **change}),
-                     log=lambda _: None)
+            pretrain(cfg, log=lambda _: None)
     assert (run / checkpoint.CKPT_NAME).read_bytes() == saved and (run / "metrics.csv").read_text() == metrics
-    flags = ["--data", str(data_dir), "--out", str(run), "--block-size", "32", "--n-layer", "2", "--n-head", "2",
-             "--n-embd", "32", "--batch-size", "4", "--max-steps", "4", "--precision", "fp32", "--resume"]
-    result = _gptlab("train", *flags, "--seed", "99")
+    (tmp_path / "run.yaml").write_text(json.dumps({"model": model}))  # JSON is YAML
+    result = _gptlab("train", "--config", str(tmp_path / "run.yaml"), "--data", str(data_dir), "--out", str(run),
+                     "--batch-size", "4", "--max-steps", "4", "--precision", "fp32", "--resume", "--seed", "99")
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
         "gptlab: error: --resume: the checkpoint was trained with seed 7, this run has 99; resume with the same "
         "setting (the batches it draws depend on it)")
