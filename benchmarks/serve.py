@@ -37,7 +37,7 @@ def make_checkpoint(directory: Path) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2"))
     path = directory / "gpt2-random"
-    checkpoint.save(path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+    checkpoint.save(path / checkpoint.CKPT_NAME, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                        "tokenizer": load_tokenizer("gpt2").to_dict(), "step": 0})
     return path
 

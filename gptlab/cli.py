@@ -76,7 +76,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from gptlab.train import DEFAULT_TOKENIZER
 
     out = args.out or ("data/shakespeare" if not args.input else "data/custom")
-    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out)
+    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8)
     print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
 
 
@@ -95,10 +95,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _run_training(cfg: TrainConfig, args: argparse.Namespace, run: typing.Callable[[], dict]) -> dict | None:
     """Start or resume a run (never over an existing checkpoint without --resume), as torchrun's launcher
     when --nproc > 1; returns the result on rank 0 only (one summary line per run, not per process)."""
-    from gptlab import distributed
+    from gptlab import checkpoint, distributed
     from gptlab.metrics import require_tensorboard
 
-    if not cfg.resume and (Path(cfg.out) / "ckpt.pt").exists():
+    if not cfg.resume and checkpoint.find(cfg.out):
         _fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="text files or directories (default: bundled Shakespeare)")
     p.add_argument("--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)")
     p.add_argument("--out", help="output directory (default: data/shakespeare)")
+    p.add_argument("--strict-utf8", action="store_true",
+                   help="refuse input with bytes that are not UTF-8 (default: replace them by U+FFFD, with a warning)")
     p.set_defaults(func=cmd_prepare)
 
     # no abbreviated flags: --nproc is removed from the command line handed to torchrun by exact name

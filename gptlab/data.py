@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,19 +88,45 @@ def list_text_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def file_documents(files: list[Path]) -> Iterator[Document]:
-    """Stream files as documents without loading a whole file: big files are cut at line ends."""
+def file_documents(files: list[Path], undecodable: dict[Path, int] | None = None) -> Iterator[Document]:
+    """Stream files as documents without loading a whole file: big files are cut at line ends.
+
+    Bytes that are not UTF-8 become U+FFFD, counted per file into `undecodable` if given. A NUL byte means
+    the file is not text (no text format uses it; binary formats all do): DataError."""
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        # surrogateescape keeps each undecodable byte as one marker character, to count and replace
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             part, chunk, size = 0, [], 0
             for line in handle:
                 chunk.append(line)
                 size += len(line)
                 if size >= DOC_BYTES:
-                    yield Document(f"{path}:{part}", "".join(chunk))
+                    yield Document(f"{path}:{part}", _text("".join(chunk), path, undecodable))
                     part, chunk, size = part + 1, [], 0
             if chunk:
-                yield Document(f"{path}:{part}", "".join(chunk))
+                yield Document(f"{path}:{part}", _text("".join(chunk), path, undecodable))
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _text(raw: str, path: Path, undecodable: dict[Path, int] | None) -> str:
+    if "\x00" in raw:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes): leave it out of the input")
+    text, count = _ESCAPED_BYTE.subn("\ufffd", raw)
+    if count and undecodable is not None:
+        undecodable[path] = undecodable.get(path, 0) + count
+    return text
+
+
+def check_undecodable(undecodable: dict[Path, int], strict: bool) -> None:
+    """Say which files had bytes that are not UTF-8 (one warning line each on stderr), or refuse them."""
+    for path, count in undecodable.items():
+        if strict:
+            raise DataError(f"{path}: {count} byte(s) are not valid UTF-8 (--strict-utf8); convert it to UTF-8 "
+                            "(e.g. iconv -f latin1 -t utf-8)")
+        print(f"gptlab: warning: {path}: {count} byte(s) are not valid UTF-8, replaced by U+FFFD "
+              "(--strict-utf8 refuses such files)", file=sys.stderr)
 
 
 def hashed_val_names(docs: Iterator[Document]) -> set[str]:
@@ -219,13 +246,14 @@ def _input_bytes(inputs: list[Path]) -> int:
 
 
 def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
-            shard_tokens: int = SHARD_TOKENS, workers: int | None = None) -> dict:
+            shard_tokens: int = SHARD_TOKENS, workers: int | None = None, strict_utf8: bool = False) -> dict:
     """Tokenize a corpus into train_000.bin ... / val_000.bin ... / meta.json / tokenizer/ under `out`.
 
     With no inputs, builds the bundled Shakespeare corpus with its fixed held-out plays. Shards hold
     about `shard_tokens` tokens each. `workers` processes encode in parallel (default: one per core
     for corpora above PARALLEL_BYTES per core, else tiktoken's threads in this process). Files are
-    written under temporary names and renamed at the end: a failure leaves `out` as it was.
+    written under temporary names and renamed at the end: a failure leaves `out` as it was. Input that is
+    not text is refused; bytes that are not UTF-8 are replaced and reported (refused if `strict_utf8`).
     """
     if not (isinstance(shard_tokens, int) and shard_tokens > 0):
         raise DataError(f"shard size must be a positive number of tokens, got {shard_tokens!r}")
@@ -234,7 +262,9 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
         files = list_text_files(inputs)
         def docs() -> Iterator[Document]:
             return file_documents(files)
-        val_names = hashed_val_names(docs())
+        undecodable: dict[Path, int] = {}
+        val_names = hashed_val_names(file_documents(files, undecodable))  # the first pass reads every byte
+        check_undecodable(undecodable, strict_utf8)
         def is_val(doc: Document) -> bool:
             return doc.name in val_names
         source = [str(p) for p in files]

@@ -133,7 +133,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
         ckpt_path = out / checkpoint.CKPT_NAME
         gpt = distributed.gpt_of(model)
         accum = grad_accum_steps(cfg, gpt.config.block_size, world.size)
-        if cfg.resume and not ckpt_path.is_file():
+        if cfg.resume and checkpoint.find(out) is None:
             raise ConfigError(f"--resume: no checkpoint in {out}")
 
         model.to(device)
@@ -148,7 +148,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
         progress = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
         if cfg.resume:
-            progress = _resume(ckpt_path, train_model, optimizer, scaler, device, world, log)
+            progress = _resume(checkpoint.resolve(out), cfg, accum, train_model, optimizer, scaler, device, world, log)
         elif world.size > 1:
             torch.manual_seed(cfg.seed + world.rank)  # dropout masks differ between ranks (init is done)
         step = progress["step"]
@@ -232,11 +232,13 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 "tokens_per_s": run_tokens / run_time if run_time else 0.0, "checkpoint": str(ckpt_path)}
 
 
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            device: torch.device, world: distributed.World, log: Callable[[str], None]) -> dict[str, Any]:
+def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, device: torch.device, world: distributed.World, log: Callable[[str], None],
+            ) -> dict[str, Any]:
     """Restore weights, optimizer, loss scaler, RNG states and progress; every rank reads the file."""
     payload = checkpoint.load(path)
-    distributed.load_state(model, optimizer, payload["model"], payload["optimizer"])
+    distributed.load_state(model, optimizer, payload["model"], payload["optimizer"])  # another model: refused
+    _check_data_order(payload, cfg, distributed.gpt_of(model).config.block_size, accum * world.size)
     if payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
     rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
@@ -247,6 +249,21 @@ def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         torch.manual_seed(payload["train_config"]["seed"] + payload["step"] + world.rank)
     log(f"resumed from {path} at step {payload['step']}")
     return {"step": payload["step"], "tokens": payload.get("tokens", 0), "elapsed_s": payload.get("elapsed_s", 0.0)}
+
+
+def _check_data_order(payload: dict[str, Any], cfg: TrainConfig, block_size: int, micro_batches: int) -> None:
+    """A resumed run must draw the batches the interrupted one would have drawn (they depend on these
+    settings, see Task): refuse rather than silently continue on another data order."""
+    saved = payload.get("train_config", {})
+    data = payload.get("data", {})
+    pairs = {"seed": (saved.get("seed"), cfg.seed), "batch_size": (saved.get("batch_size"), cfg.batch_size),
+             "block_size": (payload.get("model_config", {}).get("block_size"), block_size),
+             "micro-batches per step (grad_accum or global_batch_tokens, x processes)":
+                 (data.get("micro_batches_per_step"), micro_batches)}
+    for name, (before, now) in pairs.items():
+        if before is not None and before != now:
+            raise ConfigError(f"--resume: the checkpoint was trained with {name} {before}, this run has {now}; "
+                              "resume with the same setting (the batches it draws depend on it)")
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +52,19 @@ def tiny_model_config(**overrides) -> GPTConfig:
     return GPTConfig(**{**TINY_MODEL, **overrides})
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `gptlab` as a user would, in a fresh process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, max_file_bytes: int | None = None,
+            ) -> subprocess.CompletedProcess:
+    """Run `gptlab` as a user would, in a fresh process; `max_file_bytes` makes every write past that size
+    of a file fail (EFBIG), as on a full disk (ENOSPC)."""
     return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=None if max_file_bytes is None else _limit_file_size(max_file_bytes))
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the signal would kill the process instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
 
 
 # --- serving: a tiny GPT-2-tokenizer checkpoint and a real `gptlab serve` process ---------------------------
@@ -76,7 +87,7 @@ def chat_ckpt(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.transformer.wte.weight.mul_(10)
     path = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
-    checkpoint.save(path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+    checkpoint.save(path / checkpoint.CKPT_NAME, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                        "tokenizer": load("gpt2").to_dict(), "step": 0})
     return path
 

@@ -13,6 +13,7 @@ from gptlab.data import (
     prepare,
     shakespeare_documents,
 )
+from tests.conftest import run_cli
 
 
 def test_clean_play_strips_markdown():
@@ -118,3 +119,41 @@ def test_datasets_prepared_before_sharding_still_load(tmp_path, data_dir):
     old, new = TokenData(tmp_path), TokenData(data_dir)
     generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     assert torch.equal(old.sample_batch("train", 4, 16, generator())[0], new.sample_batch("train", 4, 16, generator())[0])
+
+
+def test_prepare_refuses_a_binary_file(tmp_path, corpus_dir):
+    """A NUL byte: an image or archive given as input is refused by name, not trained on."""
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"{picture} is not a text file"):
+        prepare([str(corpus_dir), str(picture)], "bpe:512", out)
+    assert not out.exists()
+    result = run_cli("prepare", "--input", str(corpus_dir), str(picture), "--out", str(out))
+    assert result.returncode == 2 and result.stderr == (
+        f"gptlab: error: {picture} is not a text file (it holds NUL bytes): leave it out of the input\n")
+    assert not out.exists()
+
+
+def test_prepare_reports_or_refuses_bytes_that_are_not_utf8(tmp_path, corpus_dir, capsys):
+    """Latin-1 text: each byte that is not UTF-8 becomes U+FFFD and is counted per file; --strict-utf8 refuses."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(corpus_dir, inputs)
+    latin = inputs / "latin1.txt"
+    latin.write_bytes("Café, naïve façade.\n".encode("latin-1") * 10)  # é, ï, ç: 3 bytes a line
+    with pytest.raises(DataError, match=f"{latin}: 30 byte\\(s\\) are not valid UTF-8 \\(--strict-utf8\\)"):
+        prepare([str(inputs)], "bpe:512", tmp_path / "strict", strict_utf8=True)
+    assert not (tmp_path / "strict").exists()
+    capsys.readouterr()
+    prepare([str(inputs)], "bpe:512", tmp_path / "out")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"gptlab: warning: {latin}: 30 byte(s) are not valid UTF-8, replaced by U+FFFD "
+        "(--strict-utf8 refuses such files)")
+    data = TokenData(tmp_path / "out")
+    text = data.tokenizer.decode(np.concatenate(data.shards["train"] + data.shards["val"]).tolist())
+    assert "Caf\ufffd, na\ufffdve fa\ufffdade." in text
+    utf8 = inputs / "latin1.txt"
+    utf8.write_text("Café, naïve façade, “quoted” \ufffd.\n")  # valid UTF-8, even its own U+FFFD: no warning
+    capsys.readouterr()
+    prepare([str(inputs)], "bpe:512", tmp_path / "clean")
+    assert "warning" not in capsys.readouterr().err

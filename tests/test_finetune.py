@@ -195,8 +195,8 @@ def test_lora_classifier_saves_only_adapters_and_eval_task_reproduces_it(tmp_pat
     payload = checkpoint.load(tmp_path / "lora")
     assert {k.rsplit(".", 1)[-1] for k in payload["model"]} == {"lora_A", "lora_B", "weight", "bias"}
     assert all("lora_" in k or k.startswith("head.") for k in payload["model"])
-    full_size = (tiny_pretrained / "ckpt.pt").stat().st_size
-    assert (tmp_path / "lora" / "ckpt.pt").stat().st_size < full_size / 4
+    full_size = (tiny_pretrained / checkpoint.CKPT_NAME).stat().st_size
+    assert (tmp_path / "lora" / checkpoint.CKPT_NAME).stat().st_size < full_size / 4
     cli.main(["eval-task", "--ckpt", str(tmp_path / "lora"), "--data", str(sentiment_dir / "val.jsonl")])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["accuracy"] == pytest.approx(result["accuracy"])
@@ -274,7 +274,7 @@ def test_finetune_cli_errors_are_one_line(tmp_path, tiny_pretrained, sentiment_d
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 2 and stderr.startswith("gptlab: error: ") and needle in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    assert checkpoint.find(tmp_path / "out") is None
 
 
 def test_sampler_draws_each_example_once_per_epoch_across_micro_batches():

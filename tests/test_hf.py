@@ -83,3 +83,56 @@ def test_export_refuses_to_overwrite(hf_dir, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not empty"):
         hf.save_hf(model, tokenizer, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def _damaged_copy(hf_dir, tmp_path, damage: str):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    if damage == "config lacks n_positions":
+        config = json.loads((broken / "config.json").read_text())
+        del config["n_positions"]
+        (broken / "config.json").write_text(json.dumps(config))
+        return broken, f"{broken / 'config.json'}: n_positions is missing; a GPT-2 config needs a positive integer"
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    return broken, f"cannot read {weights}: "
+
+
+@pytest.mark.parametrize("damage", ["config lacks n_positions", "truncated model.safetensors"])
+def test_a_damaged_hf_directory_is_one_clear_error(hf_dir, tmp_path, damage):
+    from tests.conftest import run_cli
+
+    broken, message = _damaged_copy(hf_dir, tmp_path, damage)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        hf.load_hf(broken)
+    assert str(info.value).startswith(message)
+    for command in (["convert", "--from-hf", str(broken), "--out", str(tmp_path / "out.safetensors")],
+                    ["generate", "--ckpt", str(broken), "--prompt", "x"]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and result.stderr.startswith(f"gptlab: error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_config_values_are_checked(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    with pytest.raises(checkpoint.CheckpointError, match=r"x/config.json: n_layer is '3'; a GPT-2 config needs"):
+        hf.config_from_hf({**config, "n_layer": "3"}, "x/config.json")
+    with pytest.raises(checkpoint.CheckpointError, match="config.json is not a JSON object"):
+        hf.config_from_hf([config])
+
+
+def test_export_to_a_full_disk_is_one_error_and_leaves_nothing(hf_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    model, tokenizer = hf.load_hf(hf_dir)
+    checkpoint.save(tmp_path / "model.safetensors", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                                     "tokenizer": tokenizer.to_dict(), "step": 0})
+    out = tmp_path / "export"
+    result = run_cli("convert", "--to-hf", str(tmp_path / "model.safetensors"), "--out", str(out),
+                     max_file_bytes=(tmp_path / "model.safetensors").stat().st_size // 2)
+    assert result.returncode == 2
+    assert result.stderr == f"gptlab: error: cannot write {out / 'model.safetensors'}: File too large\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

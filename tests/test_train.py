@@ -92,6 +92,32 @@ def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path):
         pretrain(tiny_train_config(data_dir, tmp_path / "none", resume=True), log=lambda _: None)
 
 
+def test_resume_with_settings_that_change_the_batches_is_refused(data_dir, tmp_path):
+    """Seed, batch size, block size and micro-batches per step decide which batches a step draws: resuming a
+    seed-7 run with --seed 99 (or another of them) would silently continue on other data. (Sinusoidal
+    positions: a model of another block size has the same weights, only the data check tells them apart.)"""
+    run = tmp_path / "run"
+    model = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "pos_encoding": "sinusoidal"}
+    pretrain(tiny_train_config(data_dir, run, max_steps=2, seed=7, model=model), log=lambda _: None)
+    saved, metrics = (run / checkpoint.CKPT_NAME).read_bytes(), (run / "metrics.csv").read_text()
+    for change, message in [({"seed": 99}, "seed 7, this run has 99"),
+                            ({"batch_size": 8}, "batch_size 4, this run has 8"),
+                            ({"model": {**model, "block_size": 16}}, "block_size 32, this run has 16"),
+                            ({"grad_accum": 2}, r"micro-batches per step \(grad_accum or global_batch_tokens, x "
+                                                r"processes\) 1, this run has 2")]:
+        cfg = tiny_train_config(data_dir, run, **{"max_steps": 4, "seed": 7, "resume": True, "model": model, **change})
+        with pytest.raises(ConfigError, match=f"--resume: the checkpoint was trained with {message}; resume with"):
+            pretrain(cfg, log=lambda _: None)
+    assert (run / checkpoint.CKPT_NAME).read_bytes() == saved and (run / "metrics.csv").read_text() == metrics
+    (tmp_path / "run.yaml").write_text(json.dumps({"model": model}))  # JSON is YAML
+    result = _gptlab("train", "--config", str(tmp_path / "run.yaml"), "--data", str(data_dir), "--out", str(run),
+                     "--batch-size", "4", "--max-steps", "4", "--precision", "fp32", "--resume", "--seed", "99")
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        "gptlab: error: --resume: the checkpoint was trained with seed 7, this run has 99; resume with the same "
+        "setting (the batches it draws depend on it)")
+    assert "Traceback" not in result.stderr and (run / checkpoint.CKPT_NAME).read_bytes() == saved
+
+
 def test_init_from_checkpoint_keeps_weights(data_dir, tmp_path):
     pretrain(tiny_train_config(data_dir, tmp_path / "a", max_steps=5), log=lambda _: None)
     first = checkpoint.load(tmp_path / "a")["model"]
@@ -238,8 +264,8 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(data_dir, tmp_pat
     assert saved["step"] % 3 == 0 and saved["step"] >= 12
     resumed = _gptlab("train", *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {tmp_path / 'killed' / 'ckpt.pt'} at step {saved['step']}" in resumed.stdout
-    assert not (tmp_path / "killed" / ".ckpt.pt.tmp").exists()
+    assert f"resumed from {tmp_path / 'killed' / checkpoint.CKPT_NAME} at step {saved['step']}" in resumed.stdout
+    assert [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")] == []  # no temporary left
 
     straight = tiny_train_config(data_dir, tmp_path / "straight", max_steps=60, ckpt_interval=3, eval_interval=1000,
                                  eval_batches=2, warmup_steps=5)
