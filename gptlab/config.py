@@ -81,8 +81,10 @@ class GPTConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized so `gptlab train` with no arguments finishes on a 2-core CPU in under 10 minutes.
+    # Sized so `gptlab train` with no arguments finishes on a 2-core CPU in under 10 minutes (DEFAULT_RUNS):
+    # tiny where bf16 is native, micro (half the FLOPs per token) where the CPU trains in fp32
     "tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=192),
+    "micro": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "gpt1": dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm_position="post",
                  dropout=0.1),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
@@ -92,23 +94,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The default run, `gptlab train` with no arguments (the `tiny` preset on the bundled corpus), sized per machine
-# class so that `make demo` finishes in under 10 minutes on 2 cores (measurements: docs/BENCHMARKS.md):
+# The default run, `gptlab train` with no arguments (on the bundled corpus), sized per machine class so that
+# `make demo` finishes in under 10 minutes on 2 cores (measurements: docs/BENCHMARKS.md, "Default run"):
 # - "native-bf16": a device that multiplies bf16 in hardware (CPUs with AVX512_BF16 or AMX, GPUs), trained in
-#   bf16-mixed: 7.4M tokens (5.1 epochs of the corpus), val_bpb 2.09 on a 2-core AVX-512 Zen 4;
-# - "fp32": the rest, trained in fp32 (on an AVX2 CPU ~4k tokens/s, a quarter of the above).
+#   bf16-mixed: the tiny preset on 7.4M tokens (5.1 epochs of the corpus); val_bpb 2.09 on a 2-core Zen 4;
+# - "fp32": the rest, trained in fp32, where the same step runs ~4x slower (AVX2: ~4k tokens/s against ~17k):
+#   the micro preset, which costs half the FLOPs per token, in smaller batches, which learn more per token.
 DEFAULT_RUNS: dict[str, dict[str, Any]] = {
-    "native-bf16": dict(max_steps=1800, batch_size=16, lr=2e-3, warmup_steps=100),
-    "fp32": dict(max_steps=640, batch_size=8, lr=2e-3, warmup_steps=50),
+    "native-bf16": dict(preset="tiny", max_steps=1800, batch_size=16, lr=2e-3, warmup_steps=100),
+    "fp32": dict(preset="micro", max_steps=1000, batch_size=8, lr=3e-3, warmup_steps=50),
 }
-DEFAULT_RUN_FIELDS = ("max_steps", "batch_size", "lr", "warmup_steps")
+DEFAULT_RUN_FIELDS = ("preset", "max_steps", "batch_size", "lr", "warmup_steps")
 
 
 @dataclass
 class TrainConfig:
     """Hyperparameters of one training run (pretraining or fine-tuning)."""
 
-    preset: str = "tiny"
+    preset: str | None = None  # None: the default run's (see DEFAULT_RUNS), like the other fields left at None
     model: dict[str, Any] = field(default_factory=dict)  # overrides on top of the preset
     data: str = "data/shakespeare"
     out: str = "runs/tiny"
@@ -164,14 +167,18 @@ class TrainConfig:
                f"global_batch_tokens must be a positive integer, got {self.global_batch_tokens!r}")
         _check(self.logger in ("csv", "tensorboard"), f"logger must be csv or tensorboard, got {self.logger!r}")
         _check(self.peak_flops is None or self.peak_flops > 0, f"peak_flops must be positive, got {self.peak_flops}")
-        self.model_config()  # validates preset and overrides early
+        for preset in [self.preset] if self.preset else {run["preset"] for run in DEFAULT_RUNS.values()}:
+            GPTConfig.from_preset(preset, **self.model)  # validates preset and overrides early
 
     def with_default_run(self, machine: str) -> TrainConfig:
         """This config with the fields left at None taken from DEFAULT_RUNS[machine]."""
         run = DEFAULT_RUNS[machine]
-        return dataclasses.replace(self, **{k: v for k, v in run.items() if getattr(self, k) is None})
+        return dataclasses.replace(self, **{k: v for k, v in run.items()
+                                            if getattr(self, k) is None and not (k == "preset" and self.init)})
 
     def model_config(self) -> GPTConfig:
+        if self.preset is None:
+            raise ConfigError("no preset: resolve the default run first (TrainConfig.with_default_run)")
         return GPTConfig.from_preset(self.preset, **self.model)
 
     def to_dict(self) -> dict[str, Any]:

@@ -283,7 +283,8 @@ def resolve(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) 
     precision, why = resolve_precision(cfg.precision, device)
     log(f"precision: {precision} ({why})")
     cfg = dataclasses.replace(cfg, precision=precision)
-    unset = [name for name in DEFAULT_RUN_FIELDS if getattr(cfg, name) is None]
+    # with --init the model comes from that checkpoint: no preset applies
+    unset = [name for name in DEFAULT_RUN_FIELDS if getattr(cfg, name) is None and not (name == "preset" and cfg.init)]
     if not unset:
         return cfg
     machine = "fp32" if precision == "fp32" else "native-bf16"

@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory, corpus_dir) -> Path:
 
 
 def tiny_train_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(model={k: v for k, v in TINY_MODEL.items() if k != "vocab_size"}, data=str(data_dir),
+    settings = dict(preset="tiny", model={k: v for k, v in TINY_MODEL.items() if k != "vocab_size"}, data=str(data_dir),
                     out=str(out), max_steps=20, batch_size=4, warmup_steps=5, eval_interval=10,
                     ckpt_interval=10, eval_batches=4, precision="fp32", lr=3e-3, min_lr=3e-4)
     return TrainConfig(**{**settings, **overrides})

@@ -33,7 +33,7 @@ def test_invalid_train_config_is_rejected(bad):
 
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("max_steps: 7\nlr: 0.01\nmodel:\n  n_layer: 2\n")
+    path.write_text("preset: tiny\nmax_steps: 7\nlr: 0.01\nmodel:\n  n_layer: 2\n")
     cfg = TrainConfig.from_sources(str(path), lr=0.02, batch_size=None)
     assert (cfg.max_steps, cfg.lr, cfg.model_config().n_layer) == (7, 0.02, 2)
     path.write_text("max_stepz: 3\n")

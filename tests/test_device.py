@@ -68,7 +68,7 @@ def test_default_run_follows_the_machine_class_and_flags_win(monkeypatch, native
     lines = []
     cfg = resolve(TrainConfig(lr=5e-3), CPU, lines.append)
     run = DEFAULT_RUNS[machine]
-    assert (cfg.max_steps, cfg.batch_size, cfg.warmup_steps, cfg.lr) == (run["max_steps"], run["batch_size"],
-                                                                          run["warmup_steps"], 5e-3)
-    assert lines[-1] == (f"default run for a {machine} machine: max_steps {run['max_steps']}, "
+    assert (cfg.preset, cfg.max_steps, cfg.batch_size, cfg.warmup_steps, cfg.lr) == (
+        run["preset"], run["max_steps"], run["batch_size"], run["warmup_steps"], 5e-3)
+    assert lines[-1] == (f"default run for a {machine} machine: preset {run['preset']}, max_steps {run['max_steps']}, "
                          f"batch_size {run['batch_size']}, warmup_steps {run['warmup_steps']}")
