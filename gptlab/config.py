@@ -101,10 +101,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # - "fp32": the rest, trained in fp32, where the same step runs ~4x slower (AVX2: ~4k tokens/s against ~17k):
 #   the micro preset, which costs half the FLOPs per token, in smaller batches, which learn more per token.
 DEFAULT_RUNS: dict[str, dict[str, Any]] = {
-    "native-bf16": dict(preset="tiny", max_steps=1800, batch_size=16, lr=2e-3, warmup_steps=100),
-    "fp32": dict(preset="micro", max_steps=1000, batch_size=8, lr=3e-3, warmup_steps=50),
+    "native-bf16": dict(preset="tiny", max_steps=1800, batch_size=16, lr=2e-3, warmup_steps=100, eval_interval=500),
+    "fp32": dict(preset="micro", max_steps=3000, batch_size=4, lr=3e-3, warmup_steps=100, eval_interval=1000),
 }
-DEFAULT_RUN_FIELDS = ("preset", "max_steps", "batch_size", "lr", "warmup_steps")
+DEFAULT_RUN_FIELDS = ("preset", "max_steps", "batch_size", "lr", "warmup_steps", "eval_interval")
 
 
 @dataclass
@@ -127,7 +127,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    eval_interval: int = 500
+    eval_interval: int | None = None
     eval_batches: int | None = None  # None: the full validation split
     ckpt_interval: int = 250
     seed: int = 1337
