@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,16,32,64,256,512")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variant = kernels.selected_variant()
-    if variant is None or kernels.load(variant) is None:
+    variant = kernels.active_variant()
+    if variant is None:
         raise SystemExit(f"no panel kernel here ({kernels.describe()})")
     repeats = 3 if args.quick else 9
     torch.manual_seed(0)

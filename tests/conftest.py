@@ -17,7 +17,7 @@ from gptlab.data import prepare, shakespeare_documents
 def cpu_kernels_built() -> None:
     """Build (or load) this CPU's decoding kernels once up front, so no test or server it starts
     spends its time budget compiling."""
-    kernels.cpu_kernels()
+    kernels.active_variant()
 
 
 # pytest params of every kernel variant; those this CPU cannot run skip, naming the features it lacks

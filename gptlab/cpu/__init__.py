@@ -29,8 +29,7 @@ __all__ = ["prepare_inference"]
 
 def prepare_inference(model: GPT, quantize: str | None = None, kernel: str | None = "auto") -> GPT:
     """Make `model` fast to decode on CPU, in place (see above), and return it in eval mode; a model off
-    the CPU is returned as it is. quantize: None (float32) or "int8". kernel: "auto" (the variant
-    `kernels.selected_variant()` picks, if it builds), a variant name ("avx2", "avx512") or None
+    the CPU is returned as it is. quantize: None (float32) or "int8". kernel: "auto" (`kernels.active_variant()`), a variant name ("avx2", "avx512") or None
     (PyTorch's kernels only). Calling it again on a prepared model changes nothing."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -57,8 +56,7 @@ def prepare_inference(model: GPT, quantize: str | None = None, kernel: str | Non
 
 def _variant(kernel: str | None) -> str | None:
     if kernel == "auto":
-        variant = kernels.selected_variant()
-        return variant if variant is not None and kernels.load(variant) is not None else None
+        return kernels.active_variant()
     if kernel is None:
         return None
     if kernel not in kernels.VARIANTS:

@@ -13,9 +13,9 @@ its speed is that of memory; the library kernels leave 25-50% of it on the table
 
 One source, one build per variant: `avx2` (AVX2 + FMA, 16 ymm registers: 24-column panels, 4 rows per
 register block) and `avx512` (AVX-512 F/BW/VL/DQ: 48 columns, 8 rows). torch.utils.cpp_extension
-compiles a variant once per machine (~15 s, one line on stderr) and caches the library; each registers
-its ops as `torch.ops.gptlab_cpu_<variant>`, so both load into one process. `cpu_kernels()` picks the
-variant of `torch.backends.cpu.get_cpu_capability()` (which honours ATEN_CPU_CAPABILITY: with
+compiles a variant once per machine (~15-45 s, one line on stderr) and caches the library; each
+registers its ops as `torch.ops.gptlab_cpu_<variant>`, so both load into one process. `active_variant()`
+is the variant of `torch.backends.cpu.get_cpu_capability()` (which honours ATEN_CPU_CAPABILITY: with
 `ATEN_CPU_CAPABILITY=avx2` an AVX-512 machine runs the AVX2 variant); GPTLAB_KERNEL=avx2|avx512|none
 forces one (refused if the CPU lacks its instructions), GPTLAB_NO_KERNEL=1 means none. Where no
 variant runs (another architecture, no compiler, the build fails) it is None and callers use PyTorch's
@@ -92,15 +92,11 @@ def selected_variant() -> str | None:
     return _capability_variant()
 
 
+@functools.cache
 def load(variant: str):
     """`torch.ops.gptlab_cpu_<variant>` (the ops listed above), built on first use; None if it cannot
     be built. The caller checks `missing_features(variant)` first: running a variant the CPU lacks
     crashes with an illegal instruction."""
-    return _load(variant)
-
-
-@functools.cache
-def _load(variant: str):
     name = f"gptlab_cpu_{variant}"
     try:
         from torch.utils import cpp_extension
@@ -110,26 +106,25 @@ def _load(variant: str):
         build_dir = Path(root) / f"{name}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
-            print(f"gptlab: building the {variant} decoding kernels (once per machine, ~15 s)", file=sys.stderr)
+            print(f"gptlab: building the {variant} decoding kernels (once per machine, ~15-45 s)", file=sys.stderr)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                            extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
                            is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
         warnings.warn(f"gptlab: the {variant} decoding kernels could not be built, using PyTorch's ({exc})",
-                      stacklevel=3)
+                      stacklevel=2)
         return None
     return getattr(torch.ops, name)
 
 
-@functools.cache
-def cpu_kernels():
-    """The ops of `selected_variant()`, or None where no variant runs (PyTorch's kernels serve)."""
+def active_variant() -> str | None:
+    """The variant this process runs: `selected_variant()` if its library builds, else None (PyTorch's
+    kernels serve)."""
     variant = selected_variant()
-    return None if variant is None else load(variant)
+    return variant if variant is not None and load(variant) is not None else None
 
 
 def describe() -> dict[str, str]:
     """The CPU capability PyTorch runs at and the kernel variant in use ("none": PyTorch's kernels),
     for benchmark records."""
-    variant = selected_variant() if cpu_kernels() is not None else None
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel": variant or "none"}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel": active_variant() or "none"}
