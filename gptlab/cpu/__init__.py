@@ -29,8 +29,9 @@ __all__ = ["prepare_inference"]
 
 def prepare_inference(model: GPT, quantize: str | None = None, kernel: str | None = "auto") -> GPT:
     """Make `model` fast to decode on CPU, in place (see above), and return it in eval mode; a model off
-    the CPU is returned as it is. quantize: None (float32) or "int8". kernel: "auto" (`kernels.active_variant()`), a variant name ("avx2", "avx512") or None
-    (PyTorch's kernels only). Calling it again on a prepared model changes nothing."""
+    the CPU is returned as it is. quantize: None (float32) or "int8". kernel: "auto"
+    (`kernels.active_variant()`), a variant name ("avx2", "avx512"; refused if the CPU lacks its
+    instructions) or None (PyTorch's kernels only). Calling it again on a prepared model changes nothing."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     model.eval()
