@@ -8,7 +8,9 @@ Cases (CPU, 2 threads, greedy, after a warm-up run, no EOS stop):
   b8       batch 8, prompts of mixed lengths (16..32 tokens), both float32
   b1-int8  gptlab with int8 weights vs transformers float32, batch 1; also prints the perplexity of
            both gptlab models on the bundled validation text (the held-out Shakespeare plays)
-Each case prints one JSON line; `floor_ms_per_step` is the memory-bandwidth floor of a decode step
+Each case prints one JSON line, with the CPU capability PyTorch runs at and gptlab's kernel variant
+(GPTLAB_KERNEL=avx2|avx512|none picks one; ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run as an
+AVX2 one); `floor_ms_per_step` is the memory-bandwidth floor of a decode step
 (bytes of weights and KV cache read per step / measured read bandwidth), `identical` whether our
 greedy tokens equal transformers' (float32 cases). Add `--ckpt RUN` to also measure the int8
 perplexity change of a trained gptlab checkpoint.
@@ -29,10 +31,11 @@ from pathlib import Path
 import torch
 
 from gptlab import checkpoint, hf
+from gptlab.cpu import kernels, prepare_inference
+from gptlab.cpu.layers import Int8Linear
 from gptlab.data import TokenData, prepare
 from gptlab.generate import LanguageModel, SamplingConfig
 from gptlab.model import GPT
-from gptlab.quantize import Int8Linear, quantize_int8
 from gptlab.tokenizer import Tokenizer
 from gptlab.tokenizer import load as load_tokenizer
 from gptlab.train import evaluate_lm
@@ -106,7 +109,7 @@ def int8_perplexity_change(model: GPT, tokenizer: Tokenizer, windows: int, tmp: 
     prepare(None, str(tmp / "tokenizer"), tmp / "data")
     data = TokenData(tmp / "data")
     ppl = {}
-    for name, candidate in (("fp32", model), ("int8", quantize_int8(copy.deepcopy(model)))):
+    for name, candidate in (("fp32", model), ("int8", prepare_inference(copy.deepcopy(model), quantize="int8"))):
         with torch.inference_mode():
             ppl[name] = evaluate_lm(candidate, data, 1, torch.device("cpu"), "fp32", max_batches=windows)["val_ppl"]
     return {"ppl_fp32": round(ppl["fp32"], 3), "ppl_int8": round(ppl["int8"], 3),
@@ -141,7 +144,7 @@ def main() -> None:
         prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
         model, extra = ours_model, {}
         if case == "b1-int8":
-            model = quantize_int8(copy.deepcopy(ours_model))
+            model = prepare_inference(copy.deepcopy(ours_model), quantize="int8")
             extra = int8_perplexity_change(ours_model, tokenizer, ppl_windows, tmp / case)
         lm = LanguageModel(model, tokenizer, max_batch=len(prompts))
         ours_s, peer_s, ours_out, peer_out = timed_pair(lambda lm=lm, p=prompts: lm.complete(p, cfg),
@@ -157,7 +160,7 @@ def main() -> None:
             "peer_ms_per_step": round(1000 * peer_s / new_tokens, 1),
             "floor_ms_per_step": round(1000 * floor_s, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 1),
             "new_tokens": new_tokens, "repeats": repeats, "threads": args.threads,
-            "load_avg_1m": round(os.getloadavg()[0], 1), **extra}), flush=True)
+            "load_avg_1m": round(os.getloadavg()[0], 1), **kernels.describe(), **extra}), flush=True)
 
     if args.ckpt:
         model, tokenizer = checkpoint.load_model(args.ckpt)

@@ -5,9 +5,11 @@
 
 The weights are those of one GPT-2 124M decode step (12 layers of qkv, proj, fc, fc-proj, then the
 50257-row LM head: 124M floats, 497 MB). Each line times all of them for `rows` rows of input:
-`ours_ms` (gptlab.quantize.CPULinear with its kernel), `onednn_ms` (oneDNN-packed weights, the
-previous path), `mkl_ms` (F.linear, MKL's GEMM/GEMV) and `read_ms`, a plain read of the same bytes
-(the memory-bandwidth floor). This is what sets quantize.PANEL_MAX_ROWS.
+`ours_ms` (gptlab.cpu.layers.CPULinear with its kernel: the variant of the CPU capability, or
+GPTLAB_KERNEL's), `ours_int8_ms` (Int8Linear, the same kernel over int8 weights), `onednn_ms`
+(oneDNN-packed weights, the previous path), `mkl_ms` (F.linear, MKL's GEMM/GEMV) and `read_ms`, a
+plain read of the float32 weights (the memory-bandwidth floor of ours_ms; int8's is a quarter).
+This is what sets layers.PANEL_MAX_ROWS. Each line also names the CPU capability and kernel variant.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptlab.kernels import cpu_kernels
-from gptlab.quantize import CPULinear
+from gptlab.cpu import kernels
+from gptlab.cpu.layers import CPULinear, Int8Linear
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of one GPT-2 124M block
 
@@ -44,17 +46,20 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,16,32,64,256,512")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if cpu_kernels() is None:
-        raise SystemExit("the panel kernel is unavailable here (no AVX-512 or no compiler)")
+    variant = kernels.active_variant()
+    if variant is None:
+        raise SystemExit(f"no panel kernel here ({kernels.describe()})")
     repeats = 3 if args.quick else 9
     torch.manual_seed(0)
     linears = [nn.Linear(i, o) for _ in range(12) for i, o in SHAPES] + [nn.Linear(768, 50257, bias=False)]
-    ours = [CPULinear.from_linear(linear).eval() for linear in linears]
+    ours = [CPULinear.from_linear(linear, variant).eval() for linear in linears]
+    ours_int8 = [Int8Linear(linear, variant) for linear in linears]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) for linear in linears]
     weights = [linear.weight.detach() for linear in linears]
     biases = [None if linear.bias is None else linear.bias.detach() for linear in linears]
     candidates = {
         "ours_ms": lambda xs: [layer(x) for layer, x in zip(ours, xs, strict=True)],
+        "ours_int8_ms": lambda xs: [layer(x) for layer, x in zip(ours_int8, xs, strict=True)],
         "onednn_ms": lambda xs: [torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
                                  for x, p, b in zip(xs, onednn, biases, strict=True)],
         "mkl_ms": lambda xs: [F.linear(x, w, b) for x, w, b in zip(xs, weights, biases, strict=True)],
@@ -70,7 +75,7 @@ def main() -> None:
             print(json.dumps({"bench": "linear", "rows": rows, **{k: round(v, 2) for k, v in times.items()},
                               "vs_onednn": round(times["onednn_ms"] / times["ours_ms"], 2),
                               "vs_mkl": round(times["mkl_ms"] / times["ours_ms"], 2),
-                              "threads": args.threads}), flush=True)
+                              "threads": args.threads, **kernels.describe()}), flush=True)
 
 
 if __name__ == "__main__":

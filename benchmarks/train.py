@@ -14,8 +14,10 @@ precision and thread count. One step is forward + backward + AdamW + zero_grad.
     python benchmarks/train.py                      # both cases, fp32 and bf16-mixed
     python benchmarks/train.py --cases tiny --precisions fp32
 
-Prints one JSON line per case and precision:
-{"bench":"train","case":"30m","precision":"fp32","ours_tok_s":..,"peer_tok_s":..,"ratio":..,"ours_peak_mb":..,"peer_peak_mb":..,...}
+Prints one JSON line per case and precision, with the CPU capability PyTorch runs at and gptlab's
+decoding kernel variant (not used in training; recorded so that figures name the machine class):
+{"bench":"train","case":"30m","precision":"fp32","ours_tok_s":..,"peer_tok_s":..,"ratio":..,"ours_peak_mb":..,"peer_peak_mb":..,
+ ...,"cpu_capability":"AVX2","kernel":"avx2"}
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ def main() -> None:
             result = memory(args.child, args.cases, args.precisions)
         print(json.dumps(result))
         return
+    from gptlab.cpu import kernels
+
+    machine = kernels.describe()  # CPU capability and kernel variant: what a figure was measured on
     for case in args.cases.split(","):
         for precision in args.precisions.split(","):
             common = ["--cases", case, "--precisions", precision, "--threads", str(args.threads)]
@@ -166,7 +171,7 @@ def main() -> None:
                 "cpu_ratio": round(tok_s["ours_cpu"] / tok_s["peer_cpu"], 3),
                 "ours_peak_mb": round(peak["ours"]), "peer_peak_mb": round(peak["peer"]),
                 "peak_ratio": round(peak["ours"] / peak["peer"], 3),
-                "threads": args.threads, "timed_steps": STEPS[case][1], **CASES[case],
+                "threads": args.threads, "timed_steps": STEPS[case][1], **CASES[case], **machine,
             }), flush=True)
 
 

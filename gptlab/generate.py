@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from gptlab import checkpoint
+from gptlab import checkpoint, cpu
 from gptlab.model import GPT, KVCache
-from gptlab.quantize import prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import Tokenizer
 
 
@@ -426,8 +425,8 @@ class LanguageModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
                  max_batch: int = 8) -> None:
-        # on CPU, float weights move to the layouts of the fastest matmul kernels (quantize.CPULinear)
-        self.model = prepare_cpu_inference(model.to(device).eval())
+        # on CPU: the layouts of the fastest matmul kernels, the fused decode step (gptlab.cpu)
+        self.model = cpu.prepare_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
@@ -444,7 +443,7 @@ class LanguageModel:
         if quantize == "int8":
             if device.type != "cpu":
                 raise ValueError("--quantize int8 runs on CPU only")
-            quantize_int8(model)
+            cpu.prepare_inference(model, quantize="int8")
         return cls(model, tokenizer, device)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:

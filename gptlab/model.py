@@ -7,13 +7,13 @@ checkpoints convert with nothing more than a transpose of the Conv1D weights (se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gptlab import kernels
 from gptlab.config import GPTConfig
 
 IGNORE_INDEX = -100  # target value that contributes no loss (padding, masked prompt tokens)
@@ -53,22 +53,15 @@ class KVCache:
     def plan(self, rows: torch.Tensor | slice, starts: list[int], new_tokens: int, prefill: bool) -> torch.Tensor:
         """Prepare one forward pass over `rows` (any rows for prefill, a slice for decode) whose row i
         gets `new_tokens` tokens from position starts[i]; returns their (B, T) positions.
-        Index tensors and the mask are built here once and shared by all layers."""
+        Index tensors and the mask are built here once and shared by all layers; `rows`, `prefill` and
+        `positions` describe the pass to whoever runs it (the blocks, or the model's decode_step)."""
         device = self.k.device
-        self._rows, self._prefill = rows, prefill
+        self.rows, self.prefill = rows, prefill
         self._length = max(starts, default=0) + new_tokens
         if self._length > self.max_len:
             raise ValueError(f"position {self._length - 1} is beyond the cache length {self.max_len}")
         start_tensor = torch.tensor(starts, device=device)[:, None]
-        positions = start_tensor + torch.arange(new_tokens, device=device)
-        # one new token per row of a slice, in inference: gptlab's CPU kernel writes and attends in one op
-        # (fused_ops: torch.ops.gptlab_cpu for such a pass, else None)
-        self.fused_ops = None
-        if (not prefill and new_tokens == 1 and isinstance(rows, slice) and device.type == "cpu"
-                and self.k.dtype == torch.float32 and self.k.size(-1) % 16 == 0 and not torch.is_grad_enabled()):
-            self.fused_ops, self._new_positions = kernels.cpu_kernels(), start_tensor[:, 0]
-            if self.fused_ops is not None:
-                return positions
+        self.positions = positions = start_tensor + torch.arange(new_tokens, device=device)
         # all rows at the same position (batch 1, prefill, beams): plain slice writes, no mask
         self._start = starts[0] if starts and min(starts) == max(starts) else None
         self._write_rows = rows
@@ -82,13 +75,6 @@ class KVCache:
             self._mask = (keys <= positions[:, :, None])[:, None]  # (B, 1, T, L)
         return positions
 
-    def decode_blocks(self, x: torch.Tensor, block_tensors: list[torch.Tensor], config: GPTConfig) -> torch.Tensor:
-        """All blocks of a fused decode pass (fused_ops set by plan) in one kernel call: x (B, 1, C)."""
-        out = self.fused_ops.decode_blocks.default(x.view(x.size(0), -1), block_tensors, self.k[:, self._rows],
-                                                   self.v[:, self._rows], self._new_positions, config.n_head,
-                                                   config.layer_norm_eps)
-        return out.view_as(x)
-
     def reorder(self, rows: torch.Tensor, length: int) -> None:
         """Row i takes the first `length` cached positions of row rows[i] (beam search)."""
         self.k[:, :, :, :length] = self.k[:, rows, :, :length]
@@ -97,8 +83,6 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new keys/values (B, H, T, D) of `layer`, then attend from q over the rows' cache."""
         k_cache, v_cache = self.k[layer], self.v[layer]
-        if self.fused_ops is not None:
-            return self.fused_ops.decode_attention.default(q, k, v, k_cache[self._rows], v_cache[self._rows], self._new_positions)
         if isinstance(self._write_rows, slice):
             end = self._start + k.size(2)
             k_cache[self._write_rows, :, self._start: end] = k
@@ -106,9 +90,9 @@ class KVCache:
         else:
             k_cache[self._write_rows, :, self._positions] = k.transpose(1, 2)
             v_cache[self._write_rows, :, self._positions] = v.transpose(1, 2)
-        if self._prefill:
+        if self.prefill:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        keys, values = k_cache[self._rows, :, : self._length], v_cache[self._rows, :, : self._length]
+        keys, values = k_cache[self.rows, :, : self._length], v_cache[self.rows, :, : self._length]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
 
 
@@ -143,7 +127,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2 uses the tanh approximation of GELU; matching it keeps HF parity exact. A module, so that
-        # CPU inference can fold it into c_fc's matmul (quantize.prepare_cpu_inference)
+        # CPU inference can fold it into c_fc's matmul (gptlab.cpu.prepare_inference)
         self.act = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -200,9 +184,10 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2): one matrix, two roles
         # recompute each block's activations in backward instead of keeping them (--activation-checkpointing)
         self.activation_checkpointing = False
-        # every block's weights in the form of gptlab's fused CPU decode step (set by
-        # quantize.prepare_cpu_inference for frozen inference models; None: the blocks run one by one)
-        self.block_tensors: list[torch.Tensor] | None = None
+        # optional replacement of the blocks in a cached pass, e.g. gptlab.cpu's fused CPU decode step:
+        # decode_step(x, cache) gets the embeddings (B, T, C) of the pass cache.plan has described and
+        # returns the last block's output, or None to leave the pass to the blocks
+        self.decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor | None] | None = None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the residual stream's variance stays put with depth
         for name, param in self.named_parameters():
@@ -236,8 +221,8 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.position_embedding(positions))
-        if cache is not None and cache.fused_ops is not None and self.block_tensors is not None:
-            return self.transformer.ln_f(cache.decode_blocks(x, self.block_tensors, self.config))
+        if cache is not None and self.decode_step is not None and (y := self.decode_step(x, cache)) is not None:
+            return self.transformer.ln_f(y)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cache, use_reentrant=False)  # keeps only the block's input
@@ -265,7 +250,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
-        if not isinstance(self.lm_head, nn.Linear):  # int8 weights (gptlab.quantize): no matrix to chunk over
+        if not isinstance(self.lm_head, nn.Linear):  # int8 weights (gptlab.cpu): no matrix to chunk over
             logits = self.lm_head(x).flatten(0, 1).float()
             return None, F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())

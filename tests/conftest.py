@@ -10,17 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from gptlab import kernels
 from gptlab.config import GPTConfig, TrainConfig
+from gptlab.cpu import kernels
 from gptlab.data import prepare, shakespeare_documents
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernels_built() -> None:
-    """Build (or load) the AVX-512 decoding kernels once up front, so no test or server it starts
+    """Build (or load) this CPU's decoding kernels once up front, so no test or server it starts
     spends its time budget compiling."""
-    kernels.cpu_kernels()
+    kernels.active_variant()
 
+
+# pytest params of every kernel variant; those this CPU cannot run skip, naming the features it lacks
+KERNEL_VARIANTS = [pytest.param(variant, id=variant, marks=pytest.mark.skipif(
+    bool(kernels.missing_features(variant)),
+    reason=f"this CPU lacks {', '.join(kernels.missing_features(variant))} for the {variant} kernels"))
+    for variant in kernels.VARIANTS]
 
 TINY_MODEL = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
 

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from gptlab import checkpoint, hf, kernels, quantize
+from gptlab import checkpoint, hf
+from gptlab.cpu import layers, prepare_inference
+from gptlab.cpu.layers import CPULinear, Int8Linear
 from gptlab.generate import (
     Decoder,
     LanguageModel,
@@ -22,9 +24,8 @@ from gptlab.generate import (
     score,
 )
 from gptlab.model import GPT, KVCache
-from gptlab.quantize import CPULinear, prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import load
-from tests.conftest import run_cli, tiny_model_config
+from tests.conftest import KERNEL_VARIANTS, run_cli, tiny_model_config
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -302,15 +303,27 @@ def test_prompt_longer_than_context_raises(lm):
 
 # --- CPU weight formats ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["panel-kernel", "library-kernels"])
-def test_cpu_linear_layouts_give_the_same_results(peer, monkeypatch, kernel):
-    if not kernel:
-        monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
-    _, model = peer
-    prepared = prepare_cpu_inference(copy.deepcopy(model))
+def plain_model(peer) -> GPT:
+    """The peer's weights in a fresh gptlab GPT: plain nn.Linear layers (LanguageModel prepares the
+    fixture's own model in place)."""
+    hf_model, _ = peer
+    model = GPT(hf.config_from_hf(hf_model.config.to_dict()))
+    checkpoint.load_weights(model, hf.state_from_hf(hf_model.state_dict()))
+    return model.eval()
+
+
+# each kernel variant this CPU can run, and PyTorch's kernels alone (as without a compiler or with GPTLAB_NO_KERNEL=1)
+KERNEL_PATHS = [*KERNEL_VARIANTS, pytest.param(None, id="library")]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+def test_cpu_linear_layouts_give_the_same_results(peer, kernel):
+    model = plain_model(peer)
+    prepared = prepare_inference(copy.deepcopy(model), kernel=kernel)
     assert isinstance(prepared.lm_head, CPULinear) and prepared.lm_head.weight is prepared.transformer.wte.weight
+    assert prepared.lm_head.variant == kernel
     assert prepared.state_dict().keys() == model.state_dict().keys()
-    beyond = [100] * (quantize.PANEL_MAX_ROWS // 100 + 1)  # more rows than the panel kernel takes
+    beyond = [100] * (layers.PANEL_MAX_ROWS // 100 + 1)  # more rows than the panel kernel takes
     for lengths in ([1], [20], beyond):  # one row, several, beyond the panel kernel's range
         tokens = torch.tensor(random_prompts(lengths, seed=7))
         with torch.inference_mode():
@@ -321,22 +334,25 @@ def test_cpu_linear_layouts_give_the_same_results(peer, monkeypatch, kernel):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_fused_decode_step_equals_the_blocks_one_by_one(peer, int8):
-    """prepare_cpu_inference's block_tensors: all blocks of a decode step in one kernel call, against
-    the same prepared model running its blocks in Python, rows at different positions."""
-    if kernels.cpu_kernels() is None:
-        pytest.skip("no gptlab kernels on this CPU")
-    _, model = peer
-    prepared = copy.deepcopy(model)
-    if int8:
-        quantize_int8(prepared)
-    prepare_cpu_inference(prepared)
-    assert prepared.block_tensors is not None and len(prepared.block_tensors) == 16 * prepared.config.n_layer
+@pytest.mark.parametrize("kernel", KERNEL_VARIANTS)
+def test_fused_decode_step_equals_the_blocks_one_by_one(peer, kernel, int8):
+    """prepare_inference's decode_step: all blocks of a decode step in one kernel call, against the
+    same prepared model running its blocks in Python, rows at different positions."""
+    model = plain_model(peer)
+    prepared = prepare_inference(copy.deepcopy(model), quantize="int8" if int8 else None, kernel=kernel)
+    fused = prepared.decode_step
+    assert fused is not None and len(fused.block_tensors) == 16 * prepared.config.n_layer
     prompts = random_prompts([5, 9, 2], seed=11)
-    logits, block_tensors = [], prepared.block_tensors
-    for fused in (True, False):
+    offered = []
+
+    def counted(x, cache):  # the fused step, noting which passes the model offers it
+        offered.append("prefill" if cache.prefill else "decode")
+        return fused(x, cache)
+
+    logits = []
+    for decode_step in (counted, None):
         cache = KVCache(prepared.config, batch_size=3, max_len=32)
-        prepared.block_tensors = block_tensors if fused else None
+        prepared.decode_step = decode_step
         with torch.inference_mode():
             width = max(map(len, prompts))
             idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
@@ -344,27 +360,32 @@ def test_fused_decode_step_equals_the_blocks_one_by_one(peer, int8):
             prepared.forward_cached(idx, cache, slice(0, 3), [0, 0, 0], prefill=True, last=last)
             step = torch.tensor([[1], [2], [3]])
             logits.append(prepared.forward_cached(step, cache, slice(0, 3), [len(p) for p in prompts], prefill=False))
-        assert cache.fused_ops is not None  # a pass the kernels take: the difference is block_tensors alone
+    assert offered == ["prefill", "decode"]  # it declines the prefill: the blocks run that one
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["weight-only-int8", "fbgemm-dynamic-int8"])
-def test_int8_model_stays_close_to_float(peer, tokenizer, monkeypatch, kernel):
-    if not kernel:
-        monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
-    _, model = peer
-    quantized = quantize_int8(copy.deepcopy(model))
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+def test_int8_model_stays_close_to_float(peer, tokenizer, kernel):
+    """Weight-only int8 on every path: the same numbers with any kernel variant and without one."""
+    model = plain_model(peer)
+    quantized = prepare_inference(copy.deepcopy(model), quantize="int8", kernel=kernel)
+    library = prepare_inference(copy.deepcopy(model), quantize="int8", kernel=None)
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.lm_head.variant == kernel
     tokens = torch.tensor(random_prompts([48], seed=5))
     with torch.no_grad():
         exact, approx = model(tokens)[0], quantized(tokens)[0]
-    # relative RMS error: weight-only int8 1.5%; fbgemm ~2.5% with VNNI (8-bit activations), ~4% without (7-bit)
-    assert (approx - exact).pow(2).mean().sqrt() <= (0.025 if kernel else 0.06) * exact.pow(2).mean().sqrt()
+        torch.testing.assert_close(approx, library(tokens)[0], rtol=1e-4, atol=1e-4)
+    # relative RMS error of weight-only int8: 1.5%
+    assert (approx - exact).pow(2).mean().sqrt() <= 0.025 * exact.pow(2).mean().sqrt()
     assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.85
     head = quantized.lm_head
-    if kernel:  # beyond the panel kernel's rows: the dequantized weight, the same numbers
-        rows = torch.randn(quantize.PANEL_MAX_ROWS + 1, head.in_features)
-        with torch.no_grad():
-            torch.testing.assert_close(head(rows)[:3], head(rows[:3]), rtol=1e-4, atol=1e-4)
+    # beyond the panel kernel's rows the weight is dequantized block by block: the same numbers,
+    # which are those of the dequantized matrix
+    rows = torch.randn(layers.PANEL_MAX_ROWS + 1, head.in_features)
+    qweight, scales = layers.quantize_weight(model.lm_head.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(head(rows)[:3], head(rows[:3]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(head(rows), rows @ (qweight.float() * scales[:, None]).T, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # the loss path (perplexity): same as cross-entropy of the int8 logits
         loss = quantized(tokens[:, :-1], tokens[:, 1:])[1]
         expected = torch.nn.functional.cross_entropy(quantized(tokens[:, :-1])[0][0], tokens[0, 1:])

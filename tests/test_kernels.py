@@ -1,4 +1,5 @@
-"""gptlab's C++ decoding kernels against PyTorch's own ops, on this machine's CPU."""
+"""gptlab's C++ decoding kernels against PyTorch's own ops: every variant this machine's CPU can run
+(the others skip, naming the CPU feature they lack), and the choice of variant."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import kernels
 from gptlab.config import GPTConfig
+from gptlab.cpu import kernels
+from gptlab.cpu.layers import quantize_weight
 from gptlab.model import KVCache
+from tests.conftest import KERNEL_VARIANTS
 
 CLOSE = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order
 
 
-@pytest.fixture(scope="module")
-def ops():
-    built = kernels.cpu_kernels()
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        assert built is None
-        pytest.skip("no AVX-512 on this CPU: PyTorch's kernels serve instead")
-    assert built is not None, "the AVX-512 kernels failed to build (see the warning)"
+@pytest.fixture(scope="module", params=KERNEL_VARIANTS)
+def ops(request):
+    built = kernels.load(request.param)
+    assert built is not None, f"the {request.param} kernels failed to build (see the warning)"
     return built
 
 
@@ -33,7 +33,7 @@ def test_linear_matches_f_linear_and_gelu(ops):
         weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
         panels = ops.pack(weight)
         padded_bias = F.pad(bias, (0, panels.size(0) * panels.size(2) - n))
-        for rows in (1, 3, 8, 9, 17):  # one register block, a partial one, several
+        for rows in (1, 3, 4, 8, 9, 17):  # one register block, a partial one, several (4 and 8 rows per block)
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(ops.linear(x, panels, None, padded_bias, n), F.linear(x, weight, bias), **CLOSE)
             torch.testing.assert_close(ops.linear(x, panels, None, None, n), x @ weight.T, **CLOSE)
@@ -47,18 +47,21 @@ def test_int8_linear_is_the_dequantized_matmul(ops):
     gen = torch.Generator().manual_seed(5)
     for n, k in ((97, 40), (50, 768)):
         weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-        panels, scales = ops.pack_int8(weight)
-        assert panels.dtype == torch.int8 and panels.abs().max() == 127
+        qweight, scales = quantize_weight(weight)
+        assert qweight.dtype == torch.int8 and qweight.abs().max() == 127
         # one scale per output channel: max |w| / 127, and every weight within half a step of its int8 value
-        torch.testing.assert_close(scales[:n], weight.abs().amax(1) / 127)
-        dequantized = (panels.float() * scales.view(panels.size(0), 1, -1)).transpose(1, 2).reshape(-1, k)[:n]
-        assert ((dequantized - weight).abs() <= scales[:n, None] / 2 + 1e-6).all()
-        padded_bias = F.pad(bias, (0, scales.numel() - n))
-        for rows in (1, 8, 11):
+        torch.testing.assert_close(scales, weight.abs().amax(1) / 127)
+        dequantized = qweight.float() * scales[:, None]
+        assert ((dequantized - weight).abs() <= scales[:, None] / 2 + 1e-6).all()
+        panels = ops.pack(qweight)
+        assert panels.dtype == torch.int8
+        padding = panels.size(0) * panels.size(2) - n
+        padded_scales, padded_bias = F.pad(scales, (0, padding)), F.pad(bias, (0, padding))
+        for rows in (1, 4, 8, 11):
             x = torch.randn(rows, k, generator=gen)
-            got = ops.linear(x, panels, scales, padded_bias, n)
+            got = ops.linear(x, panels, padded_scales, padded_bias, n)
             torch.testing.assert_close(got, F.linear(x, dequantized, bias), **CLOSE)
-            torch.testing.assert_close(ops.linear(x, panels, scales, padded_bias, n, True),
+            torch.testing.assert_close(ops.linear(x, panels, padded_scales, padded_bias, n, True),
                                        F.gelu(got, approximate="tanh"), **CLOSE)
     with pytest.raises(RuntimeError, match="scales"):
         ops.linear(torch.randn(2, k), panels, None, None, n)
@@ -85,32 +88,81 @@ def test_decode_attention_matches_masked_sdpa_and_writes_the_cache(ops, head_dim
         ops.decode_attention(q, k, v, k_cache[:rows], v_cache[:rows], positions + 1)
 
 
-def test_kv_cache_decodes_the_same_with_and_without_the_kernel(ops, monkeypatch):
-    """A cached decode pass through KVCache: the fused kernel against PyTorch's write + SDPA."""
+def test_decode_attention_equals_the_kv_cache_pass(ops):
+    """One decode pass of a KVCache (PyTorch's write + masked SDPA) against the kernel on the same
+    cache layout (a layer's rows, as decode_blocks passes them)."""
     config = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
     starts = [3, 9, 0, 30]
     outputs = []
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
         cache = KVCache(config, batch_size=4)
         torch.manual_seed(3)
         cache.k.normal_(), cache.v.normal_()
         q, k, v = torch.randn(3, 4, 2, 1, 16, generator=torch.Generator().manual_seed(4)).unbind(0)
         with torch.inference_mode():
             cache.plan(slice(0, 4), starts, 1, prefill=False)
-            outputs.append((cache.attend(0, q, k, v), cache.k.clone(), cache.v.clone()))
+            if fused:
+                y = ops.decode_attention(q, k, v, cache.k[0, cache.rows], cache.v[0, cache.rows], cache.positions[:, 0])
+            else:
+                y = cache.attend(0, q, k, v)
+            outputs.append((y, cache.k.clone(), cache.v.clone()))
     for fused_part, reference_part in zip(*outputs, strict=True):
         torch.testing.assert_close(fused_part, reference_part, **CLOSE)
 
 
+def test_block_layout_names_every_tensor_once(ops):
+    layout = ops.block_layout()
+    assert len(layout) == len(set(layout)) == 16 and {"ln_1.weight", "mlp.c_fc.panels", "mlp.c_proj.bias"} <= set(layout)
+
+
 def test_first_use_builds_once_and_says_so(ops, tmp_path):
-    """On a fresh machine (an empty extensions directory) the kernels build, with one line on stderr;
+    """On a fresh machine (an empty extensions directory) a variant builds, with one line on stderr;
     the next process loads the cached library silently."""
+    variant = ops.name.removeprefix("gptlab_cpu_")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    code = "from gptlab import kernels; assert kernels.cpu_kernels() is not None"
+    code = f"from gptlab.cpu import kernels; assert kernels.load({variant!r}) is not None"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert first.stderr.count("building the AVX-512 decoding kernels") == 1
+    assert first.stderr.count(f"building the {variant} decoding kernels") == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f"gptlab_cpu_{variant}-py{sys.version_info.major}"
+                                                    f"{sys.version_info.minor}-torch{torch.__version__}"]
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "building" not in second.stderr, second.stderr
+
+
+# --- which variant runs ------------------------------------------------------------------------------
+
+def selected_in_subprocess(**env) -> subprocess.CompletedProcess:
+    code = "from gptlab.cpu import kernels; print(kernels.selected_variant())"
+    clean = {k: v for k, v in os.environ.items() if k not in ("GPTLAB_KERNEL", "GPTLAB_NO_KERNEL", "ATEN_CPU_CAPABILITY")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_variant_follows_the_cpu_capability():
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = "avx512" if capability.startswith("AVX512") else "avx2" if capability == "AVX2" else "None"
+    if os.environ.get("ATEN_CPU_CAPABILITY") is None:
+        assert selected_in_subprocess().stdout.strip() == expected
+    if not kernels.missing_features("avx2"):  # an AVX-512 machine told to run at AVX2 picks the AVX2 variant
+        assert selected_in_subprocess(ATEN_CPU_CAPABILITY="avx2").stdout.strip() == "avx2"
+    assert selected_in_subprocess(ATEN_CPU_CAPABILITY="default").stdout.strip() == "None"
+
+
+def test_forcing_a_variant(monkeypatch):
+    monkeypatch.delenv("GPTLAB_NO_KERNEL", raising=False)
+    for variant in kernels.VARIANTS:
+        monkeypatch.setenv("GPTLAB_KERNEL", variant)
+        if missing := kernels.missing_features(variant):
+            with pytest.raises(RuntimeError, match=f"lacks {missing[0]}"):  # refused: it would crash
+                kernels.selected_variant()
+        else:
+            assert kernels.selected_variant() == variant
+    monkeypatch.setenv("GPTLAB_KERNEL", "none")
+    assert kernels.selected_variant() is None
+    monkeypatch.setenv("GPTLAB_KERNEL", "sse2")
+    with pytest.raises(ValueError, match="avx2, avx512, none"):
+        kernels.selected_variant()
+    monkeypatch.delenv("GPTLAB_KERNEL")
+    monkeypatch.setenv("GPTLAB_NO_KERNEL", "1")
+    assert kernels.selected_variant() is None

@@ -1,33 +1,62 @@
-// CPU kernels of a decode step (gptlab.kernels builds this file on first use).
+// CPU kernels of a decode step (gptlab.cpu.kernels builds this file on first use).
+//
+// One source for every x86 variant: the code is written over ATen's Vectorized<float> (8 lanes with
+// AVX2, 16 with AVX-512) and compiled once per variant with PyTorch's own capability defines and
+// flags (CPU_CAPABILITY_AVX2 + -mavx2 -mfma, CPU_CAPABILITY_AVX512 + -mavx512f ...). Each build
+// registers its ops in its own namespace, GPTLAB_NS (gptlab_cpu_avx2, gptlab_cpu_avx512), so that
+// both variants can load into one process (the tests compare each against PyTorch's ops).
 //
 // linear: y = x W^T + b for a few rows of x (batched decoding), streaming each weight once at memory speed.
 //
 // Decoding reads every weight once per step, for a handful of rows: the matmul is bound by memory
 // bandwidth, yet library GEMMs (oneDNN, MKL) tile for the large-M case and run ~25% slower than a
-// plain read of the weights. Here W is repacked once into panels of 48 output columns, each panel
-// one contiguous (K, 48) block: a thread streams its panels front to back while up to 8 rows of x
-// accumulate in 24 AVX-512 registers, so each weight byte is loaded once and used 8 times.
+// plain read of the weights. Here W is repacked once into panels of kPanel output columns (3
+// vectors), each panel one contiguous (K, kPanel) block: a thread streams its panels front to back
+// while up to kRows rows of x accumulate in registers, so each weight byte is loaded once and used
+// kRows times.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <string>
+#include <utility>
 #include <vector>
+
+#if !defined(GPTLAB_NS) || !(defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
+#error "build through gptlab.cpu.kernels: it sets GPTLAB_NS and one CPU_CAPABILITY"
+#endif
 
 namespace {
 
-constexpr int64_t kVectors = 3;                // AVX-512 vectors of 16 floats per panel row
-constexpr int64_t kPanel = 16 * kVectors;      // output columns per panel
-constexpr int64_t kRows = 8;                   // rows of x per register block (24 accumulators)
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kVectors = 3;                // vectors per panel row
+constexpr int64_t kPanel = kLanes * kVectors;  // output columns per panel: 24 (AVX2), 48 (AVX-512)
+#if defined(CPU_CAPABILITY_AVX512)
+// 8 rows: 24 accumulators, 3 weight vectors and a broadcast x in the 32 zmm registers
+constexpr int64_t kRows = 8;
 // software prefetch, in bytes ahead: to L2 4 KiB, to L1 1.5 KiB. The hardware prefetcher alone
 // restarts at every 4 KiB page and falls behind once 8 rows of FMAs slow the loop: these two cut the
 // 8-row matmuls of a GPT-2 124M step from ~5 ms slower than 1 row to ~2 ms
 constexpr int64_t kPrefetchL2 = 4096;
 constexpr int64_t kPrefetchL1 = 1536;
+#else
+// 4 rows: 12 accumulators, 3 weight vectors and a broadcast x fill the 16 ymm registers (more rows
+// would spill accumulators to the stack inside the inner loop)
+constexpr int64_t kRows = 4;
+// the AVX-512 distances: on Zen 3 (AVX2), 1-8 KiB to L2 and 0.5-2 KiB to L1 timed the same within noise
+// for 1, 4 and 8 rows over a GPT-2 124M step's weights (docs/BENCHMARKS.md)
+constexpr int64_t kPrefetchL2 = 4096;
+constexpr int64_t kPrefetchL1 = 1536;
+#endif
 
-// (N, K) -> (ceil(N / 48), K, 48), zero-padded columns, any dtype
+// (N, K) -> (ceil(N / kPanel), K, kPanel), zero-padded columns, any dtype (float32 weights, or the int8
+// of gptlab.cpu.layers.quantize_weight, whose scales the caller zero-pads like the panels)
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "pack: a matrix");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
@@ -36,44 +65,22 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
 }
 
-// weight-only int8: round(W / s) with one scale s = max |W[c]| / 127 per output channel c;
-// returns the int8 panels and the scales (zero-padded like the panels)
-std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack_int8: a float32 matrix");
-  const auto scales = weight.abs().amax(1).clamp_min(1e-12f) / 127.0f;
-  const auto q = at::round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(at::kChar);
-  const auto panels = pack(q);
-  auto padded_scales = at::zeros({panels.size(0) * kPanel}, weight.options());
-  padded_scales.narrow(0, 0, weight.size(0)).copy_(scales);
-  return {panels, padded_scales};
+// GPT-2's GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + e^(-2z));
+// exp_u20 is ATen's own polynomial (relative error ~1e-6), no libm or Sleef call
+inline Vec gelu_tanh(const Vec& x) {
+  const Vec minus_2z = at::vec::fmadd(Vec(0.044715f), x * x * x, x) * Vec(-2.0f * 0.7978845608f);
+  return x / (Vec(1.0f) + minus_2z.exp_u20());
 }
 
-// e^x, 16 at a time: 2^n e^r with r = x - n ln 2 and Cephes' expf polynomial (rel. error < 2e-7)
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// GPT-2's GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + e^(-2z))
-inline __m512 gelu_tanh16(__m512 x) {
-  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-  const __m512 minus_2z = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x),
-                                        _mm512_set1_ps(-2.0f * 0.7978845608f));
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2z)));
-}
-
-// 16 weights of a panel row as floats: float32 as they are, int8 widened (the scale comes at the end)
-inline __m512 load16(const float* w) { return _mm512_load_ps(w); }
-inline __m512 load16(const int8_t* w) {
+// kLanes weights of a panel row as floats: float32 as they are, int8 widened (the scale comes at the
+// end). The widening is the one per-ISA line: ATen's Vectorized has no int8 -> float32 of this width.
+inline Vec load_weights(const float* w) { return Vec::loadu(w); }
+inline Vec load_weights(const int8_t* w) {
+#if defined(CPU_CAPABILITY_AVX512)
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+#else
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+#endif
 }
 
 // y[r, 0:cols] = (x[r] . panel) * scale + bias, then GELU if GELU, for ROWS rows of x (row stride k)
@@ -83,23 +90,23 @@ void panel_block(const float* x, int64_t k, const W* panel, const float* scale, 
                  int64_t ldy, int64_t cols) {
   constexpr int64_t row_bytes = kPanel * sizeof(W);
   // independent partial sums: with one or two rows, the FMA latency chain through each accumulator,
-  // not the memory, would bound the loop (int8 rows are only 48 bytes)
+  // not the memory, would bound the loop (int8 rows are only 24-48 bytes)
   constexpr int kBanks = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
   const char* bytes = reinterpret_cast<const char*>(panel);
-  __m512 acc[kBanks][ROWS][kVectors];
+  Vec acc[kBanks][ROWS][kVectors];
   for (int bank = 0; bank < kBanks; ++bank)
     for (int r = 0; r < ROWS; ++r)
-      for (int v = 0; v < kVectors; ++v) acc[bank][r][v] = _mm512_setzero_ps();
-  const auto step = [&](int64_t i, __m512 (&sums)[ROWS][kVectors]) {
+      for (int v = 0; v < kVectors; ++v) acc[bank][r][v] = Vec(0.0f);
+  const auto step = [&](int64_t i, Vec (&sums)[ROWS][kVectors]) {
     for (int64_t line = 0; line < row_bytes; line += 64) {
       _mm_prefetch(bytes + i * row_bytes + kPrefetchL2 + line, _MM_HINT_T1);
       _mm_prefetch(bytes + i * row_bytes + kPrefetchL1 + line, _MM_HINT_T0);
     }
-    __m512 w[kVectors];
-    for (int v = 0; v < kVectors; ++v) w[v] = load16(panel + i * kPanel + 16 * v);
+    Vec w[kVectors];
+    for (int v = 0; v < kVectors; ++v) w[v] = load_weights(panel + i * kPanel + kLanes * v);
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * k + i]);
-      for (int v = 0; v < kVectors; ++v) sums[r][v] = _mm512_fmadd_ps(xr, w[v], sums[r][v]);
+      const Vec xr(x[r * k + i]);
+      for (int v = 0; v < kVectors; ++v) sums[r][v] = at::vec::fmadd(xr, w[v], sums[r][v]);
     }
   };
   int64_t i = 0;
@@ -108,15 +115,15 @@ void panel_block(const float* x, int64_t k, const W* panel, const float* scale, 
   for (; i < k; ++i) step(i, acc[0]);
   for (int bank = 1; bank < kBanks; ++bank)
     for (int r = 0; r < ROWS; ++r)
-      for (int v = 0; v < kVectors; ++v) acc[0][r][v] = _mm512_add_ps(acc[0][r][v], acc[bank][r][v]);
+      for (int v = 0; v < kVectors; ++v) acc[0][r][v] = acc[0][r][v] + acc[bank][r][v];
   for (int v = 0; v < kVectors; ++v) {  // the last panel is partial: masked stores
-    const int64_t left = cols - 16 * v;
-    const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1;
-    const __m512 s = scale ? _mm512_loadu_ps(scale + 16 * v) : _mm512_set1_ps(1.0f);
-    const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    const int64_t left = std::min(kLanes, cols - kLanes * v);
+    if (left <= 0) break;
+    const Vec s = scale ? Vec::loadu(scale + kLanes * v) : Vec(1.0f);
+    const Vec b = bias ? Vec::loadu(bias + kLanes * v) : Vec(0.0f);
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 out = _mm512_fmadd_ps(acc[0][r][v], s, b);
-      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask, GELU ? gelu_tanh16(out) : out);
+      const Vec out = at::vec::fmadd(acc[0][r][v], s, b);
+      (GELU ? gelu_tanh(out) : out).store(y + r * ldy + kLanes * v, left);
     }
   }
 }
@@ -124,15 +131,18 @@ void panel_block(const float* x, int64_t k, const W* panel, const float* scale, 
 template <typename W>
 using BlockFn = void (*)(const float*, int64_t, const W*, const float*, const float*, float*, int64_t, int64_t);
 
+// panel_block<1..kRows> by row count
+template <typename W, bool GELU, size_t... R>
+constexpr std::array<BlockFn<W>, kRows> block_table(std::index_sequence<R...>) {
+  return {panel_block<R + 1, GELU, W>...};
+}
 template <typename W, bool GELU>
-constexpr BlockFn<W> kBlocks[kRows] = {panel_block<1, GELU, W>, panel_block<2, GELU, W>, panel_block<3, GELU, W>,
-                                       panel_block<4, GELU, W>, panel_block<5, GELU, W>, panel_block<6, GELU, W>,
-                                       panel_block<7, GELU, W>, panel_block<8, GELU, W>};
+constexpr auto kBlocks = block_table<W, GELU>(std::make_index_sequence<kRows>());
 
 template <typename W>
 void run_panels(const float* x, int64_t rows, int64_t k, const W* panels, int64_t num_panels, const float* scale,
                 const float* bias, float* y, int64_t n, bool gelu) {
-  const BlockFn<W>* blocks = gelu ? kBlocks<W, true> : kBlocks<W, false>;
+  const auto& blocks = gelu ? kBlocks<W, true> : kBlocks<W, false>;
   // threads split the panels: each streams its own contiguous part of the weights
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -146,7 +156,7 @@ void run_panels(const float* x, int64_t rows, int64_t k, const W* panels, int64_
   });
 }
 
-// x (..., K) float32; panels from pack() (float32) or pack_int8() (int8, with its scales); bias: None
+// x (..., K) float32; panels from pack() of float32 or int8 weights (int8: with their padded scales); bias: None
 // or zero-padded like the panels; returns (..., n), GELU applied if gelu
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& scales,
                   const std::optional<at::Tensor>& bias, int64_t n, bool gelu) {
@@ -154,7 +164,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
   const bool int8 = panels.scalar_type() == at::kChar;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k, "linear: float32 input of width ", k);
   TORCH_CHECK(panels.is_contiguous() && panels.dim() == 3 && panels.size(2) == kPanel && n <= padded &&
-              (int8 || panels.scalar_type() == at::kFloat), "linear: panels from pack() or pack_int8()");
+              (int8 || panels.scalar_type() == at::kFloat), "linear: float32 or int8 panels from this library's pack()");
   TORCH_CHECK(int8 == scales.has_value() && (!scales || (scales->is_contiguous() && scales->numel() == padded)),
               "linear: int8 panels take their padded scales, float32 panels none");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == padded), "linear: padded bias");
@@ -179,6 +189,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
 // gather of the rows' prefixes: SDPA's fused CPU kernel takes ~2x the time of that read.
 // q, k, v: (B, H, 1, D) with unit stride along D (views of c_attn's output); caches: (>= B, H, L, D)
 // contiguous; returns (B, H, 1, D), laid out as (B, 1, H * D) so that merging the heads is free.
+// D must be a multiple of 16 on every variant, so that callers have one rule.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
                             at::Tensor v_cache, const at::Tensor& positions) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(3), max_len = k_cache.size(2);
@@ -193,9 +204,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t b = 0; b < rows; ++b) TORCH_CHECK(0 <= pos_p[b] && pos_p[b] < max_len, "decode_attention: position");
   auto y = at::empty({rows, 1, heads, dim}, q.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const int64_t vectors = dim / 16;
+  const int64_t vectors = dim / kLanes;
+  constexpr int64_t kOut = 64 / kLanes;  // head sizes up to 64 accumulate in registers; larger ones in passes
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(max_len);
+    std::vector<float> scores((max_len + kLanes - 1) / kLanes * kLanes);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads, last = pos_p[b];
       const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1);
@@ -207,36 +219,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       std::copy(vp, vp + dim, values + last * dim);
       float best = -INFINITY;
       for (int64_t j = 0; j <= last; ++j) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < vectors; ++c) {
-          // the rows' caches were evicted by a whole step of weights: fetch keys ahead, values too
-          _mm_prefetch(reinterpret_cast<const char*>(keys + (j + 8) * dim + 16 * c), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(values + j * dim + 16 * c), _MM_HINT_T1);
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp + 16 * c), _mm512_loadu_ps(keys + j * dim + 16 * c), acc);
+        // the rows' caches were evicted by a whole step of weights: fetch keys ahead, values too
+        for (int64_t line = 0; line < dim; line += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(keys + (j + 8) * dim + line), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(values + j * dim + line), _MM_HINT_T1);
         }
-        scores[j] = _mm512_reduce_add_ps(acc) * scale;
+        Vec acc(0.0f);
+        for (int64_t c = 0; c < vectors; ++c)
+          acc = at::vec::fmadd(Vec::loadu(qp + kLanes * c), Vec::loadu(keys + j * dim + kLanes * c), acc);
+        scores[j] = acc.reduce_add() * scale;
         best = std::max(best, scores[j]);
       }
-      __m512 sums = _mm512_setzero_ps();
-      for (int64_t j = 0; j <= last; j += 16) {
-        const __mmask16 mask = last - j >= 15 ? 0xFFFF : (1u << (last - j + 1)) - 1;
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores.data() + j), _mm512_set1_ps(best)));
-        _mm512_mask_storeu_ps(scores.data() + j, mask, e);
-        sums = _mm512_mask_add_ps(sums, mask, sums, e);
+      // softmax in whole vectors: the slots past `last` hold -inf, whose exp_u20 is exactly 0
+      std::fill(scores.begin() + last + 1, scores.begin() + (last + kLanes) / kLanes * kLanes, -INFINITY);
+      Vec sums(0.0f);
+      for (int64_t j = 0; j <= last; j += kLanes) {
+        const Vec e = (Vec::loadu(scores.data() + j) - Vec(best)).exp_u20();
+        e.store(scores.data() + j);
+        sums = sums + e;
       }
-      const float total = _mm512_reduce_add_ps(sums);
-      __m512 out[4];  // head sizes up to 64 in registers; larger ones in passes of 64
+      const Vec norm(1.0f / sums.reduce_add());
+      Vec out[kOut];
       float* yp = y.data_ptr<float>() + (b * heads + h) * dim;
-      for (int64_t c0 = 0; c0 < vectors; c0 += 4) {
-        const int64_t width = std::min<int64_t>(4, vectors - c0);
-        for (int64_t c = 0; c < width; ++c) out[c] = _mm512_setzero_ps();
+      for (int64_t c0 = 0; c0 < vectors; c0 += kOut) {
+        const int64_t width = std::min(kOut, vectors - c0);
+        for (int64_t c = 0; c < width; ++c) out[c] = Vec(0.0f);
         for (int64_t j = 0; j <= last; ++j) {
-          const __m512 weight = _mm512_set1_ps(scores[j]);
+          const Vec weight(scores[j]);
           for (int64_t c = 0; c < width; ++c)
-            out[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + j * dim + 16 * (c0 + c)), out[c]);
+            out[c] = at::vec::fmadd(weight, Vec::loadu(values + j * dim + kLanes * (c0 + c)), out[c]);
         }
-        const __m512 norm = _mm512_set1_ps(1.0f / total);
-        for (int64_t c = 0; c < width; ++c) _mm512_storeu_ps(yp + 16 * (c0 + c), _mm512_mul_ps(out[c], norm));
+        for (int64_t c = 0; c < width; ++c) (out[c] * norm).store(yp + kLanes * (c0 + c));
       }
     }
   });
@@ -245,41 +258,63 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 // decode_blocks: one decode step through every block of a pre-LayerNorm GPT (GPT-2), one new token per
 // row: model.Block.forward with the kernels above, in one call, so no Python runs per layer (that
-// costs ~2 ms of a 12-layer step). 16 tensors per block, empty where absent: ln_1 weight, bias;
-// c_attn panels, scales, bias; attn c_proj panels, scales, bias; ln_2 weight, bias; c_fc panels,
-// scales, bias (GELU folded in); mlp c_proj panels, scales, bias. x: (B, C); caches: (layers, B, H, L, D).
-constexpr size_t kBlockTensors = 16;
+// costs ~2 ms of a 12-layer step). Each block comes as kBlockTensors tensors in the order of
+// BlockTensor, empty where absent (no bias); gptlab.cpu.decode gathers them by the names that
+// block_layout() returns, so this enum is the one definition of the layout.
+// x: (B, C); caches: (layers, B, H, L, D).
+enum BlockTensor {
+  kLn1Weight, kLn1Bias,
+  kQkvPanels, kQkvScales, kQkvBias,      // attn.c_attn (scales: int8 panels only)
+  kProjPanels, kProjScales, kProjBias,   // attn.c_proj
+  kLn2Weight, kLn2Bias,
+  kFcPanels, kFcScales, kFcBias,         // mlp.c_fc, GELU folded in
+  kOutPanels, kOutScales, kOutBias,      // mlp.c_proj
+  kBlockTensors
+};
+const std::array<std::string, kBlockTensors> kBlockTensorNames = {
+  "ln_1.weight", "ln_1.bias",
+  "attn.c_attn.panels", "attn.c_attn.scales", "attn.c_attn.bias",
+  "attn.c_proj.panels", "attn.c_proj.scales", "attn.c_proj.bias",
+  "ln_2.weight", "ln_2.bias",
+  "mlp.c_fc.panels", "mlp.c_fc.scales", "mlp.c_fc.bias",
+  "mlp.c_proj.panels", "mlp.c_proj.scales", "mlp.c_proj.bias"};
+
+std::vector<std::string> block_layout() { return {kBlockTensorNames.begin(), kBlockTensorNames.end()}; }
 
 at::Tensor decode_blocks(const at::Tensor& embeddings, const std::vector<at::Tensor>& params,
                          const at::Tensor& k_caches, const at::Tensor& v_caches, const at::Tensor& positions,
                          int64_t heads, double eps) {
   TORCH_CHECK(params.size() % kBlockTensors == 0 && params.size() / kBlockTensors == size_t(k_caches.size(0)),
-              "decode_blocks: 16 tensors per layer of the cache");
+              "decode_blocks: ", int(kBlockTensors), " tensors per layer of the cache");
   const auto given = [](const at::Tensor& t) { return t.numel() ? std::optional<at::Tensor>(t) : std::nullopt; };
   at::Tensor x = embeddings.contiguous();
   const int64_t rows = x.size(0), width = x.size(1);
   for (int64_t layer = 0; layer < k_caches.size(0); ++layer) {
     const at::Tensor* p = params.data() + layer * kBlockTensors;
-    auto h = at::layer_norm(x, {width}, given(p[0]), given(p[1]), eps);
-    const auto qkv = linear(h, p[2], given(p[3]), given(p[4]), 3 * width, false)
+    auto h = at::layer_norm(x, {width}, given(p[kLn1Weight]), given(p[kLn1Bias]), eps);
+    const auto qkv = linear(h, p[kQkvPanels], given(p[kQkvScales]), given(p[kQkvBias]), 3 * width, false)
                          .view({rows, 1, 3, heads, width / heads}).permute({2, 0, 3, 1, 4});
     const auto y = decode_attention(qkv[0], qkv[1], qkv[2], k_caches[layer], v_caches[layer], positions);
-    x = x + linear(y.transpose(1, 2).reshape({rows, width}), p[5], given(p[6]), given(p[7]), width, false);
-    h = at::layer_norm(x, {width}, given(p[8]), given(p[9]), eps);
-    h = linear(h, p[10], given(p[11]), given(p[12]), p[13].size(1), true);
-    x = x + linear(h, p[13], given(p[14]), given(p[15]), width, false);
+    x = x + linear(y.transpose(1, 2).reshape({rows, width}), p[kProjPanels], given(p[kProjScales]),
+                   given(p[kProjBias]), width, false);
+    h = at::layer_norm(x, {width}, given(p[kLn2Weight]), given(p[kLn2Bias]), eps);
+    h = linear(h, p[kFcPanels], given(p[kFcScales]), given(p[kFcBias]), p[kOutPanels].size(1), true);
+    x = x + linear(h, p[kOutPanels], given(p[kOutScales]), given(p[kOutBias]), width, false);
   }
   return x;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(gptlab_cpu, m) {
+// TORCH_LIBRARY pastes its namespace argument as written: one more macro level expands GPTLAB_NS first
+#define GPTLAB_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+GPTLAB_LIBRARY(GPTLAB_NS, m) {
   m.def("pack(Tensor weight) -> Tensor", &pack);
-  m.def("pack_int8(Tensor weight) -> (Tensor, Tensor)", &pack_int8);
   m.def("linear(Tensor x, Tensor panels, Tensor? scales, Tensor? bias, int n, bool gelu=False) -> Tensor", &linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions)"
         " -> Tensor", &decode_attention);
+  m.def("block_layout() -> str[]", &block_layout);
   m.def("decode_blocks(Tensor x, Tensor[] params, Tensor(a!) k_caches, Tensor(b!) v_caches, Tensor positions,"
         " int heads, float eps) -> Tensor", &decode_blocks);
 }
