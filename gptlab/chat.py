@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from gptlab.errors import ContextLengthError, GptlabError
 from gptlab.generate import LanguageModel, SamplingConfig
 
 ROLES = ("system", "user", "assistant")
@@ -21,14 +22,14 @@ def chat_prompt(messages: list[dict[str, str]]) -> str:
     structure as a plain-text cue.
     """
     if not messages:
-        raise ValueError("messages must hold at least one message")
+        raise GptlabError("messages must hold at least one message")
     turns = []
     for message in messages:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise GptlabError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
-            raise ValueError(f"message content must be a string, got {type(content).__name__}")
+            raise GptlabError(f"message content must be a string, got {type(content).__name__}")
         turns.append(f"<|{role}|>\n{content}{END_OF_TURN}\n")
     return "".join(turns) + "<|assistant|>\n"
 
@@ -62,7 +63,7 @@ class ChatSession:
                 return prompt, min(wanted, room)
             if len(self.turns) <= 1:
                 self.turns = []
-                raise ValueError(f"the message does not fit the model's context of {block} tokens")
+                raise ContextLengthError(f"the message does not fit the model's context of {block} tokens")
             self.turns.pop(0)
 
     def reply(self, text: str, write: Callable[[str], None]) -> str:
@@ -113,7 +114,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
                 session.reply(line, write)
             except KeyboardInterrupt:
                 write(" [interrupted]")
-            except ValueError as err:
+            except GptlabError as err:
                 write(f"error: {err}")
             write("\n")
 

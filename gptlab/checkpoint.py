@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gptlab.config import GPTConfig
+from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
@@ -20,7 +21,7 @@ CKPT_NAME = "ckpt.pt"
 FORMAT = "gptlab-1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptlabError):
     """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 

@@ -10,14 +10,11 @@ import sys
 import typing
 from pathlib import Path
 
-from gptlab.checkpoint import CheckpointError
-from gptlab.config import ConfigError, TrainConfig
-from gptlab.data import DataError
+from gptlab.config import TrainConfig
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
-from gptlab.tokenizer import TokenizerError
+from gptlab.errors import GptlabError
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, OSError)
 MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
 
 
@@ -373,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except GptlabError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         _fail(str(err) or type(err).__name__)
 
 

@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 import yaml
 
+from gptlab.errors import GptlabError
 
-class ConfigError(ValueError):
+
+class ConfigError(GptlabError):
     """A configuration value is missing, malformed or out of range (reported to the user as one line)."""
 
 

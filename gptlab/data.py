@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab import tokenizer as tok
+from gptlab.errors import GptlabError
 from gptlab.tokenizer import Tokenizer
 
 SHAKESPEARE_VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "julius-caesar")
@@ -28,7 +29,7 @@ PARALLEL_BYTES = 32 << 20  # corpus bytes per worker process before `prepare` st
 VAL_PERCENT = 10
 
 
-class DataError(ValueError):
+class DataError(GptlabError):
     """Input data is missing, unreadable or empty."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from gptlab import checkpoint
+from gptlab.config import ConfigError
+from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
 from gptlab.quantize import prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import Tokenizer
@@ -51,30 +53,30 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+            raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
+            raise ConfigError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -211,7 +213,7 @@ class Decoder:
     `add` registers a prompt (its prefill runs in the next `step`, batched with other new prompts);
     each `step` produces one token for every active slot; a slot whose event has a finish_reason is
     free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context):
-    there is no sliding window, a longer request is refused with ValueError.
+    there is no sliding window, a longer request is refused with ContextLengthError.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8,
@@ -240,12 +242,10 @@ class Decoder:
         """Queue a prompt for generation; returns its slot id."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise GptlabError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt) + cfg.max_new_tokens > self.cache.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens and max_new_tokens is {cfg.max_new_tokens}: "
-                             f"together more than the context of {self.cache.max_len} tokens")
+            raise GptlabError(f"prompt token ids must be in [0, {self.vocab_size})")
+        check_context(len(prompt), cfg.max_new_tokens, self.cache.max_len)
         if None not in self._slots:
             raise ValueError(f"no free slot: all {len(self._slots)} are generating")
         slot = self._slots.index(None)  # lowest first keeps the decode batch (rows 0..n-1) compact
@@ -372,12 +372,10 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     best finished hypothesis' new tokens (a final EOS token included).
     """
     if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                         f"together more than the context of {model.config.block_size} tokens")
+        raise GptlabError("the prompt is empty")
+    check_context(len(prompt_ids), max_new_tokens, model.config.block_size)
     device = model.transformer.wte.weight.device
     model.eval()
     cache = KVCache(model.config, num_beams, len(prompt_ids) + max_new_tokens, device,
@@ -438,12 +436,12 @@ class LanguageModel:
         from gptlab.device import select_device
 
         if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
         model, tokenizer = checkpoint.load_model(path)
         device = select_device(device)
         if quantize == "int8":
             if device.type != "cpu":
-                raise ValueError("--quantize int8 runs on CPU only")
+                raise ConfigError("--quantize int8 runs on CPU only")
             quantize_int8(model)
         return cls(model, tokenizer, device)
 
@@ -451,10 +449,10 @@ class LanguageModel:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
-            raise ValueError("no prompts given")
+            raise GptlabError("no prompts given")
         encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if not all(encoded):
-            raise ValueError("a prompt is empty (it encodes to no tokens)")
+            raise GptlabError("a prompt is empty (it encodes to no tokens)")
         return encoded
 
     def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -463,10 +461,8 @@ class LanguageModel:
         batching: a finished sequence's slot goes to the next waiting prompt at once."""
         cfg = cfg or SamplingConfig()
         encoded = self._encode(prompts)
+        check_context(max(map(len, encoded)), cfg.max_new_tokens, self.model.config.block_size)
         longest = max(map(len, encoded)) + cfg.max_new_tokens
-        if longest > self.model.config.block_size:
-            raise ValueError(f"the longest prompt plus max_new_tokens ({longest} tokens) exceeds the context "
-                             f"of {self.model.config.block_size} tokens")
         decoder = Decoder(self.model, self.tokenizer, min(self.max_batch, len(encoded)), self.device, longest)
         results: list[Completion | None] = [None] * len(encoded)
         texts = [[] for _ in encoded]
@@ -507,7 +503,7 @@ class LanguageModel:
                 outputs.append(self.tokenizer.decode(t for t in tokens if t not in eos))
             return outputs
         if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+            raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
         return [c.text for c in self.complete(prompts, cfg)]
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:

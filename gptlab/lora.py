@@ -20,12 +20,13 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from gptlab.checkpoint import atomic_directory
+from gptlab.errors import GptlabError
 
 # the four linear layers of a GPT-2 block, named as in HF GPT-2 (and so as PEFT's target_modules)
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-class LoRAError(ValueError):
+class LoRAError(GptlabError):
     """A LoRA setting is out of range, or a model has no LoRA layers where some were expected."""
 
 

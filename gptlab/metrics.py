@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gptlab.errors import GptlabError
+
 LM_METRICS = ("val_loss", "val_ppl", "val_bpb")  # what evaluate_lm reports; fine-tuning tasks report others
 
 
@@ -18,7 +20,7 @@ def metric_fields(metric_names: tuple[str, ...] = LM_METRICS) -> list[str]:
     return ["step", "tokens", "train_loss", *metric_names, "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
 
 
-class MetricsError(ValueError):
+class MetricsError(GptlabError):
     """A run directory has no readable metrics."""
 
 

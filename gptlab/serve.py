@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.chat import END_OF_TURN, chat_prompt
+from gptlab.config import ConfigError
+from gptlab.errors import GptlabError
 from gptlab.generate import Decoder, LanguageModel, SamplingConfig, TokenEvent
 
 log = logging.getLogger("gptlab.serve")
@@ -278,7 +280,7 @@ class Engine:
                     continue
                 try:
                     self._running[self.decoder.add(seq.prompt_ids, seq.cfg)] = seq
-                except ValueError as err:
+                except GptlabError as err:
                     seq.deliver(APIError(400, str(err)))
             for slot, seq in list(self._running.items()):
                 if seq.cancelled:
@@ -409,9 +411,9 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
-            raise ValueError(f"max batch size must be at least 1, got {self.max_batch_size}")
+            raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
         if self.max_queue < 1:
-            raise ValueError(f"max queue must be at least 1, got {self.max_queue}")
+            raise ConfigError(f"max queue must be at least 1, got {self.max_queue}")
 
 
 def _sse(payload: dict | str) -> str:
@@ -489,7 +491,7 @@ class Server:
                 seed=None if req.seed is None else req.seed + i,
                 logprobs=logprobs,
             ) for i in range(req.n or 1)]
-        except ValueError as err:
+        except GptlabError as err:
             raise APIError(400, str(err), code="invalid_parameter") from None
 
     # --- response pieces ---
@@ -721,7 +723,7 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0 picks a free one); a busy port is a clean OSError before any model loads."""
+    """A listening socket (port 0 picks a free one); a busy port is a GptlabError before any model loads."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         # proto must be IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on such sockets, and without it
@@ -730,7 +732,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as err:
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise GptlabError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     return sock
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from gptlab.errors import GptlabError
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (contractions, letters, numbers, punctuation, whitespace runs)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -23,7 +25,7 @@ VOCAB_NAMES = ("vocab.json", "encoder.json")
 MERGES_NAMES = ("merges.txt", "vocab.bpe")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptlabError):
     """Tokenizer files are missing or inconsistent."""
 
 
