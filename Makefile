@@ -28,6 +28,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check gptlab tests benchmarks
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

@@ -5,8 +5,10 @@ Layers, bottom up:
 - `Decoder`: continuous batching over a preallocated `KVCache` with `max_batch` slots. `add` a
   prompt, call `step` to get one `TokenEvent` per active slot; finished slots free themselves.
   This is what a server drives.
+- `Scheduler`: continuous batching of requests over a Decoder; `complete` and the server's engine
+  both drive one.
 - `LanguageModel` (what `gptlab.load` returns): `generate`, `stream` and `complete` built on the
-  Decoder, plus `beam_search` and `score` for the other decoding styles.
+  Decoder, plus `beam_search`; `prompt_logprobs` scores given text.
 
 Every sequence keeps its own cache row and positions, so prompts of different lengths batch
 together without padding in the cache (prefill right-pads the new prompts; the causal mask makes
@@ -16,16 +18,20 @@ the padding invisible) and each one gives the same tokens as when generated alon
 from __future__ import annotations
 
 import codecs
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from gptlab import checkpoint
+from gptlab import loading, prompts
 from gptlab.config import ConfigError
+from gptlab.device import select_device
 from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
+from gptlab.prompts import PromptStyle
 from gptlab.quantize import prepare_cpu_inference, quantize_int8
 from gptlab.tokenizer import Tokenizer
 
@@ -37,7 +43,7 @@ class SamplingConfig:
     presence and frequency penalties cover output tokens only."""
 
     max_new_tokens: int = 100
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy; at most 2, as OpenAI's API (beyond it the text is noise)
     top_k: int | None = None
     top_p: float | None = None  # (0, 1]
     min_p: float | None = None  # [0, 1]: drop tokens below min_p * p(most likely token)
@@ -54,8 +60,8 @@ class SamplingConfig:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0 <= self.temperature < float("inf"):
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= 2:
+            raise ConfigError(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -351,15 +357,22 @@ def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tup
 
 
 @torch.inference_mode()
-def score(model: GPT, token_ids: list[int]) -> list[float | None]:
-    """Log-probability of each token given the ones before it (None for the first): echo / loglikelihood."""
-    if not token_ids:
-        raise ValueError("no tokens to score")
+def prompt_logprobs(model: GPT, ids: list[int], top_n: int = 0,
+                    ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Each token's log-probability given the ones before it, and the top_n alternatives there (the first
+    token has no context: None). What `echo` + `logprobs` returns and loglikelihood evaluation needs."""
+    if not ids:
+        raise GptlabError("no tokens to score")
     device = model.transformer.wte.weight.device
-    ids = torch.tensor([token_ids], device=device)
-    logprobs = model.eval()(ids)[0][0].float().log_softmax(-1)
-    picked = logprobs[:-1].gather(-1, ids[0, 1:, None])[:, 0]
-    return [None, *picked.tolist()]
+    logits, _ = model.eval()(torch.tensor([ids], device=device))
+    logp = logits[0, :-1].float().log_softmax(-1)
+    token_lp = logp.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+    if top_n:
+        values, indices = logp.topk(top_n, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in token_lp]
+    return [None, *token_lp], [None, *tops]
 
 
 @torch.inference_mode()
@@ -419,31 +432,101 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     return max(finished, key=lambda f: f[0])[1]
 
 
+class Scheduler:
+    """Continuous batching over a Decoder, the one scheduler behind `complete` (so LanguageModel and
+    evaluation) and the server's engine: the caller `admit`s requests (any object it tracks them by) while
+    there are free slots, and each `step` advances every running request by one token."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.running: dict[int, Any] = {}  # slot -> request
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.free_slots
+
+    def admit(self, request: Any, prompt_ids: Sequence[int], cfg: SamplingConfig) -> None:
+        """Start `request` in a free slot; a prompt that cannot run raises a GptlabError and takes none."""
+        self.running[self.decoder.add(prompt_ids, cfg)] = request
+
+    def cancel(self, request: Any) -> None:
+        for slot, running in list(self.running.items()):
+            if running is request:
+                self.decoder.cancel(slot)
+                del self.running[slot]
+
+    def abort(self) -> list[Any]:
+        """Free every slot (after a failed step); returns the requests that were running."""
+        requests = list(self.running.values())
+        for slot in self.running:
+            self.decoder.cancel(slot)
+        self.running.clear()
+        return requests
+
+    def step(self) -> list[tuple[Any, TokenEvent]]:
+        """One token for every running request; a request whose event has a finish_reason is done."""
+        results = []
+        for slot, event in self.decoder.step().items():
+            request = self.running.pop(slot) if event.finish_reason is not None else self.running[slot]
+            results.append((request, event))
+        return results
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs: list[SamplingConfig],
+             max_batch: int = 8) -> list[Completion]:
+    """Generate for every token prompt with its config, up to `max_batch` at a time with continuous batching:
+    a finished sequence's slot goes to the next waiting prompt at once. Every prompt is checked against the
+    context before any work starts."""
+    block = model.config.block_size
+    for ids, cfg in zip(prompts, configs, strict=True):
+        check_context(len(ids), cfg.max_new_tokens, block)
+    longest = max(len(ids) + cfg.max_new_tokens for ids, cfg in zip(prompts, configs, strict=True))
+    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=longest))
+    results: list[Completion | None] = [None] * len(prompts)
+    events: list[list[TokenEvent]] = [[] for _ in prompts]
+    waiting = deque(range(len(prompts)))
+    while waiting or scheduler.running:
+        while waiting and scheduler.free_slots:
+            i = waiting.popleft()
+            scheduler.admit(i, prompts[i], configs[i])
+        for i, event in scheduler.step():
+            events[i].append(event)
+            if event.finish_reason is not None:
+                want_logprobs = configs[i].logprobs is not None
+                results[i] = Completion(
+                    text="".join(e.text for e in events[i]), token_ids=[e.token_id for e in events[i]],
+                    finish_reason=event.finish_reason, prompt_tokens=len(prompts[i]),
+                    completion_tokens=len(events[i]),
+                    logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
+                    top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
+    return results
+
+
 class LanguageModel:
     """A model with its tokenizer, ready to generate: what `gptlab.load(path)` returns."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
-                 max_batch: int = 8) -> None:
+                 max_batch: int = 8, prompt_style: PromptStyle | None = None) -> None:
         # on CPU, float weights move to the layouts of the fastest matmul kernels (quantize.CPULinear)
         self.model = prepare_cpu_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
+        self.prompt_style = prompt_style or prompts.get(prompts.DEFAULT_STYLE)  # how chat messages are rendered
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
-        """A checkpoint (or HF GPT-2 directory) ready to generate; quantize="int8" for int8 weights (CPU)."""
-        from gptlab.device import select_device
-
+        """Any model `gptlab.loading` reads, ready to generate; quantize="int8" for int8 weights (CPU)."""
         if quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
-        model, tokenizer = checkpoint.load_model(path)
+        loaded = loading.load(path)
+        model = loaded.gpt()
         device = select_device(device)
         if quantize == "int8":
             if device.type != "cpu":
                 raise ConfigError("--quantize int8 runs on CPU only")
             quantize_int8(model)
-        return cls(model, tokenizer, device)
+        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -457,35 +540,9 @@ class LanguageModel:
 
     def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  cfg: SamplingConfig | None = None) -> list[Completion]:
-        """Generate for every prompt (text or token ids), up to `max_batch` at a time with continuous
-        batching: a finished sequence's slot goes to the next waiting prompt at once."""
-        cfg = cfg or SamplingConfig()
+        """Generate for every prompt (text or token ids), up to `max_batch` at a time."""
         encoded = self._encode(prompts)
-        check_context(max(map(len, encoded)), cfg.max_new_tokens, self.model.config.block_size)
-        longest = max(map(len, encoded)) + cfg.max_new_tokens
-        decoder = Decoder(self.model, self.tokenizer, min(self.max_batch, len(encoded)), self.device, longest)
-        results: list[Completion | None] = [None] * len(encoded)
-        texts = [[] for _ in encoded]
-        events: list[list[TokenEvent]] = [[] for _ in encoded]
-        owner: dict[int, int] = {}
-        waiting = list(range(len(encoded)))
-        while waiting or decoder.active:
-            while waiting and decoder.free_slots:
-                i = waiting.pop(0)
-                owner[decoder.add(encoded[i], cfg)] = i
-            for slot, event in decoder.step().items():
-                i = owner[slot]
-                texts[i].append(event.text)
-                events[i].append(event)
-                if event.finish_reason is not None:
-                    want_logprobs = cfg.logprobs is not None
-                    results[i] = Completion(
-                        text="".join(texts[i]), token_ids=[e.token_id for e in events[i]],
-                        finish_reason=event.finish_reason, prompt_tokens=len(encoded[i]),
-                        completion_tokens=len(events[i]),
-                        logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
-                        top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
-        return results
+        return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch)
 
     def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
                  **sampling) -> list[str]:
@@ -506,10 +563,10 @@ class LanguageModel:
             raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
         return [c.text for c in self.complete(prompts, cfg)]
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
         cfg = SamplingConfig(**sampling)
-        (ids,) = self._encode(prompt)
+        (ids,) = self._encode([prompt])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
                           min(len(ids) + cfg.max_new_tokens, self.model.config.block_size))
         slot = decoder.add(ids, cfg)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gptlab import checkpoint, distributed
+from gptlab import checkpoint, distributed, loading
 from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
@@ -252,10 +252,10 @@ def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     """A fresh model from the preset, or one initialised from a checkpoint / HF directory (--init)."""
     if cfg.init:
-        model, init_tokenizer = checkpoint.load_model(cfg.init)
-        if init_tokenizer.vocab != tokenizer.vocab:
+        init = loading.load(cfg.init)
+        if init.tokenizer.vocab != tokenizer.vocab:
             raise ConfigError(f"--init {cfg.init} uses a different tokenizer than the data")
-        return model
+        return init.gpt()
     # the preset's vocab size is a default: the data's tokenizer decides
     return GPT(dataclasses.replace(cfg.model_config(), vocab_size=tokenizer.vocab_size))
 
