@@ -47,6 +47,12 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
     return cfg.global_batch_tokens // per_micro_batch
 
 
+def draw_generator(seed: int, draw: int) -> torch.Generator:
+    """The random stream of the `draw`-th data draw of a run (a micro-batch, an epoch's order): computed from
+    the seed and the draw's number alone, so a resumed run, or another process, draws exactly the same."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not biases, LayerNorm gains or other vectors)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -292,8 +298,7 @@ def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         micro_batches = grad_accum_steps(cfg, block, world.size) * world.size  # per step, all processes
 
         def sample_batch(step: int, micro: int) -> Batch:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * micro_batches + micro)
-            return data.sample_batch("train", cfg.batch_size, block, generator)
+            return data.sample_batch("train", cfg.batch_size, block, draw_generator(cfg.seed, step * micro_batches + micro))
 
         def evaluate(m: GPT) -> dict[str, float]:
             return evaluate_lm(m, data, max(8, cfg.batch_size), device, cfg.precision, cfg.eval_batches)

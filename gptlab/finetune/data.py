@@ -17,7 +17,7 @@ from gptlab.data import DataError
 from gptlab.model import IGNORE_INDEX
 from gptlab.prompts import Message, PromptStyle
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import grad_accum_steps
+from gptlab.train import draw_generator, grad_accum_steps
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -181,8 +181,7 @@ class EpochSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._orders[epoch] = torch.randperm(self.n, generator=generator).tolist()
+            self._orders[epoch] = torch.randperm(self.n, generator=draw_generator(self.cfg.seed, epoch)).tolist()
         return self._orders[epoch]
 
     def indices(self, step: int, micro: int) -> list[int]:
