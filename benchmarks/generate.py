@@ -31,9 +31,10 @@ import torch
 
 from gptlab import checkpoint, hf, loading
 from gptlab.data import TokenData, prepare
-from gptlab.generate import LanguageModel, SamplingConfig
+from gptlab.generate import LanguageModel
 from gptlab.model import GPT
 from gptlab.quantize import Int8Linear, quantize_int8
+from gptlab.sampling import SamplingConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.tokenizer import load as load_tokenizer
 from gptlab.train import evaluate_lm

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import TextIO
 
 from gptlab.errors import ContextLengthError, GptlabError
-from gptlab.generate import LanguageModel, SamplingConfig
+from gptlab.generate import LanguageModel
 from gptlab.prompts import messages_from
+from gptlab.sampling import SamplingConfig
 
 HELP = "/reset clears the history, /system TEXT sets the system prompt, /exit quits"
 

@@ -14,7 +14,7 @@ from gptlab.config import TrainConfig
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
 from gptlab.errors import GptlabError
-from gptlab.generate import SamplingConfig
+from gptlab.sampling import SamplingConfig
 
 MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
 

@@ -1,14 +1,15 @@
 """Text generation: a KV-cached, continuously batched decoder with the usual sampling controls.
 
 Layers, bottom up:
-- `SamplingConfig`: what to sample (temperature, top-k/p, min-p, penalties, stops, seed, logprobs).
+- `SamplingConfig` (gptlab.sampling): what to sample (temperature, top-k/p, min-p, penalties, stops,
+  seed, logprobs).
 - `Decoder`: continuous batching over a preallocated `KVCache` with `max_batch` slots. `add` a
   prompt, call `step` to get one `TokenEvent` per active slot; finished slots free themselves.
   This is what a server drives.
 - `Scheduler`: continuous batching of requests over a Decoder; `complete` and the server's engine
   both drive one.
 - `LanguageModel` (what `gptlab.load` returns): `generate`, `stream` and `complete` built on the
-  Decoder, plus `beam_search`; `prompt_logprobs` scores given text.
+  Decoder, plus `beam_search` (gptlab.beam) for num_beams > 1; `prompt_logprobs` scores given text.
 
 Every sequence keeps its own cache row and positions, so prompts of different lengths batch
 together without padding in the cache (prefill right-pads the new prompts; the causal mask makes
@@ -20,77 +21,22 @@ from __future__ import annotations
 import codecs
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gptlab import loading, prompts
+from gptlab.beam import beam_search
 from gptlab.config import ConfigError
 from gptlab.device import select_device
 from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
 from gptlab.prompts import PromptStyle
 from gptlab.quantize import prepare_cpu_inference, quantize_int8
+from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token. Penalties follow vLLM / OpenAI: the repetition penalty (HF
-    style: divide positive logits, multiply negative ones) covers prompt and output tokens;
-    presence and frequency penalties cover output tokens only."""
-
-    max_new_tokens: int = 100
-    temperature: float = 1.0  # 0 = greedy; at most 2, as OpenAI's API (beyond it the text is noise)
-    top_k: int | None = None
-    top_p: float | None = None  # (0, 1]
-    min_p: float | None = None  # [0, 1]: drop tokens below min_p * p(most likely token)
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = field(default_factory=list)  # checked on decoded text; the stop text is not returned
-    stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top-k alternatives
-    ignore_eos: bool = False  # keep going after the tokenizer's <|endoftext|> (benchmarks)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0 <= self.temperature <= 2:
-            raise ConfigError(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ConfigError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -116,24 +62,6 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] | None = None  # per generated token, from the model's distribution
     top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, top-p (nucleus) and min-p filtering of (B, vocab) logits."""
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if cfg.min_p:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
 
 
 class _TextReleaser:
@@ -373,63 +301,6 @@ def prompt_logprobs(model: GPT, ids: list[int], top_n: int = 0,
     else:
         tops = [[] for _ in token_lp]
     return [None, *token_lp], [None, *tops]
-
-
-@torch.inference_mode()
-def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
-                length_penalty: float = 1.0, eos_token_ids: Sequence[int] = ()) -> list[int]:
-    """The most likely continuation by beam search (Hugging Face's semantics, `early_stopping=False`).
-
-    Keeps `num_beams` running hypotheses; a hypothesis ends at an EOS token or at max_new_tokens and
-    is scored sum(logprobs) / length ** length_penalty (> 0 favours longer outputs). Returns the
-    best finished hypothesis' new tokens (a final EOS token included).
-    """
-    if num_beams < 1:
-        raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
-    if not prompt_ids:
-        raise GptlabError("the prompt is empty")
-    check_context(len(prompt_ids), max_new_tokens, model.config.block_size)
-    device = model.transformer.wte.weight.device
-    model.eval()
-    cache = KVCache(model.config, num_beams, len(prompt_ids) + max_new_tokens, device,
-                    model.transformer.wte.weight.dtype)
-    prompt = torch.tensor([prompt_ids] * num_beams, device=device)
-    logits = model.forward_cached(prompt, cache, slice(0, num_beams), [0] * num_beams, prefill=True)
-    eos = set(eos_token_ids)
-    beams = [[] for _ in range(num_beams)]
-    scores = torch.full((num_beams,), -1e9, device=device)
-    scores[0] = 0.0  # all beams start identical: expand only the first
-    finished: list[tuple[float, list[int]]] = []  # (score, tokens), the best num_beams kept
-    for step in range(max_new_tokens):
-        length = step + 1
-        candidates = (logits.float().log_softmax(-1) + scores[:, None]).view(-1)
-        top_scores, top_ids = candidates.topk(2 * num_beams)
-        vocab = logits.size(-1)
-        next_beams, next_scores, parents = [], [], []
-        last_step = length == max_new_tokens
-        for rank, (cand_score, flat) in enumerate(zip(top_scores.tolist(), top_ids.tolist(), strict=True)):
-            parent, token = divmod(flat, vocab)
-            if token in eos or last_step:
-                if rank < num_beams:  # only the top num_beams candidates may finish (as in HF)
-                    finished.append((cand_score / length ** length_penalty, beams[parent] + [token]))
-            elif len(next_beams) < num_beams:
-                next_beams.append(beams[parent] + [token])
-                next_scores.append(cand_score)
-                parents.append(parent)
-        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
-        if last_step or len(next_beams) < num_beams:
-            break
-        # HF's early-stop heuristic: stop once the best running beam, were it to end now, cannot
-        # beat the worst of num_beams finished hypotheses
-        if len(finished) == num_beams and next_scores[0] / length ** length_penalty <= finished[-1][0]:
-            break
-        beams = next_beams
-        scores = torch.tensor(next_scores, device=device)
-        cache.reorder(torch.tensor(parents, device=device), len(prompt_ids) + step)
-        idx = torch.tensor([b[-1] for b in beams], device=device)[:, None]
-        logits = model.forward_cached(idx, cache, slice(0, num_beams), [len(prompt_ids) + step] * num_beams,
-                                      prefill=False)
-    return max(finished, key=lambda f: f[0])[1]
 
 
 class Scheduler:

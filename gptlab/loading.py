@@ -34,7 +34,7 @@ class Loaded:
 
     @property
     def task(self) -> str:
-        """"classify" for a classifier; "sft" for every language model, fine-tuned or not."""
+        """The task: `classify` for a classifier, `sft` for every language model, fine-tuned or not."""
         return self.finetune["config"]["task"] if self.finetune else "sft"
 
     def gpt(self) -> GPT:

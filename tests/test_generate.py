@@ -11,20 +11,12 @@ import pytest
 import torch
 
 from gptlab import checkpoint, hf, kernels, quantize
+from gptlab.beam import beam_search
 from gptlab.errors import ContextLengthError
-from gptlab.generate import (
-    Decoder,
-    LanguageModel,
-    SamplingConfig,
-    _Sequence,
-    _TextReleaser,
-    beam_search,
-    complete,
-    filter_logits,
-    prompt_logprobs,
-)
+from gptlab.generate import Decoder, LanguageModel, _Sequence, _TextReleaser, complete, prompt_logprobs
 from gptlab.model import GPT, KVCache
 from gptlab.quantize import CPULinear, prepare_cpu_inference, quantize_int8
+from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import load
 from tests.conftest import run_cli, tiny_model_config
 from tests.helpers import hf_generate

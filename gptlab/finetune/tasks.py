@@ -24,9 +24,10 @@ from gptlab.finetune.data import (
     sft_batch,
 )
 from gptlab.finetune.model import FinetuneModel
-from gptlab.generate import SamplingConfig, complete
+from gptlab.generate import complete
 from gptlab.model import IGNORE_INDEX
 from gptlab.prompts import PromptStyle
+from gptlab.sampling import SamplingConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import Task
 

@@ -17,7 +17,8 @@ from typing import Any
 from fastapi import Request
 
 from gptlab.errors import GptlabError
-from gptlab.generate import Decoder, SamplingConfig, Scheduler, TokenEvent
+from gptlab.generate import Decoder, Scheduler, TokenEvent
+from gptlab.sampling import SamplingConfig
 from gptlab.serve.protocol import APIError, QueueFull
 
 log = logging.getLogger("gptlab.serve")

@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gptlab.config import ConfigError
 from gptlab.errors import ContextLengthError, GptlabError, check_context
-from gptlab.generate import Decoder, LanguageModel, SamplingConfig, prompt_logprobs
+from gptlab.generate import Decoder, LanguageModel, prompt_logprobs
 from gptlab.prompts import PromptError, messages_from
+from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Choice, ClientDisconnected, Engine, Run
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
 

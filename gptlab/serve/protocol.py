@@ -38,7 +38,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    temperature: float | None = None  # bounds and defaults: gptlab.generate.SamplingConfig
+    temperature: float | None = None  # bounds and defaults: gptlab.sampling.SamplingConfig
     top_p: float | None = None
     top_k: int | None = None  # extension (as in vLLM); absent or <= 0 means off
     min_p: float | None = None  # extension
