@@ -35,6 +35,7 @@ demo: $(CORE)
 
 lint: install
 	$(BIN)/ruff check gptlab tests benchmarks
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

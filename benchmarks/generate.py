@@ -24,21 +24,26 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from gptlab import checkpoint, hf
+from gptlab import checkpoint, hf, loading
 from gptlab.cpu import kernels, prepare_inference
 from gptlab.cpu.layers import Int8Linear
 from gptlab.data import TokenData, prepare
-from gptlab.generate import LanguageModel, SamplingConfig
+from gptlab.generate import LanguageModel
 from gptlab.model import GPT
+from gptlab.sampling import SamplingConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.tokenizer import load as load_tokenizer
 from gptlab.train import evaluate_lm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers import hf_generate  # noqa: E402
 
 B8_LENGTHS = [32, 17, 25, 30, 16, 28, 21, 32]
 
@@ -86,20 +91,6 @@ def timed_pair(ours, peer, repeats: int) -> tuple[float, float, object, object]:
             if i:  # the first round is the warm-up
                 times[j].append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
-
-
-def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """transformers' generate with left padding and an attention mask (its batching recipe)."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[:, width:].tolist()
 
 
 def int8_perplexity_change(model: GPT, tokenizer: Tokenizer, windows: int, tmp: Path) -> dict:
@@ -163,7 +154,8 @@ def main() -> None:
             "load_avg_1m": round(os.getloadavg()[0], 1), **kernels.describe(), **extra}), flush=True)
 
     if args.ckpt:
-        model, tokenizer = checkpoint.load_model(args.ckpt)
+        loaded = loading.load(args.ckpt)
+        model, tokenizer = loaded.gpt(), loaded.tokenizer
         windows = 64 if not args.quick else 8  # a small model's context is short: more windows, same cost
         print(json.dumps({"bench": "generate", "case": "int8-ppl", "ckpt": args.ckpt,
                           **int8_perplexity_change(model.eval(), tokenizer, windows, tmp / "ckpt")}), flush=True)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ import torch
 from gptlab import checkpoint
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
-from gptlab.serve import ServerProcess
 from gptlab.tokenizer import load as load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers import ServerProcess  # noqa: E402
 
 PROMPTS = ["The history of the city begins", "In a small village by the sea", "Scientists announced today that",
            "The recipe calls for", "Once upon a time, a king", "The market opened higher after",

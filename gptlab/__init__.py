@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 
 def load(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
-    """Load a gptlab checkpoint (run directory or file) or a Hugging Face GPT-2 directory.
+    """Load a gptlab run directory or checkpoint file (fine-tuned runs too, LoRA merged in) or a Hugging Face
+    GPT-2 directory (see gptlab.loading), ready to generate.
 
     `m = load(path); m.generate(["a", "b"], max_new_tokens=50, temperature=0.8)`; `m.stream("a")`.
     quantize="int8": int8 weights for faster CPU inference.

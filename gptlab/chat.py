@@ -1,4 +1,4 @@
-"""Chat: the chat template (shared with the server) and `gptlab chat`, an interactive terminal chat."""
+"""`gptlab chat`: an interactive terminal chat, prompted in the model's own style (gptlab.prompts), as the server does."""
 
 from __future__ import annotations
 
@@ -7,30 +7,12 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from gptlab.generate import LanguageModel, SamplingConfig
+from gptlab.errors import ContextLengthError, GptlabError
+from gptlab.generate import LanguageModel
+from gptlab.prompts import messages_from
+from gptlab.sampling import SamplingConfig
 
-ROLES = ("system", "user", "assistant")
-END_OF_TURN = "<|end|>"  # generation stops here (a stop string, not a special token: GPT-2's vocab has none)
 HELP = "/reset clears the history, /system TEXT sets the system prompt, /exit quits"
-
-
-def chat_prompt(messages: list[dict[str, str]]) -> str:
-    """Render a conversation as one prompt: `<|role|>\\n{content}<|end|>\\n` per turn, then `<|assistant|>\\n`.
-
-    Fine-tuning on this format teaches a model to close its turn with `<|end|>`; a base model gets the same
-    structure as a plain-text cue.
-    """
-    if not messages:
-        raise ValueError("messages must hold at least one message")
-    turns = []
-    for message in messages:
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise ValueError(f"message content must be a string, got {type(content).__name__}")
-        turns.append(f"<|{role}|>\n{content}{END_OF_TURN}\n")
-    return "".join(turns) + "<|assistant|>\n"
 
 
 class ChatSession:
@@ -39,7 +21,7 @@ class ChatSession:
     def __init__(self, lm: LanguageModel, system: str | None = None, **sampling) -> None:
         self.lm = lm
         self.system = system
-        self.sampling = {"max_new_tokens": 256, **sampling, "stop": [END_OF_TURN]}
+        self.sampling = {"max_new_tokens": 256, **sampling, "stop": list(lm.prompt_style.stop)}
         SamplingConfig(**self.sampling)  # bad settings fail now, not at the first message
         self.turns: list[dict[str, str]] = []
 
@@ -50,19 +32,23 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.turns
 
-    def _prompt(self) -> tuple[str, int]:
+    def prompt_ids(self) -> list[int]:
+        return self.lm.prompt_style.prompt_ids(messages_from(self.messages()), self.lm.tokenizer)
+
+    def _prompt(self) -> tuple[list[int], int]:
         """The prompt for the next reply and the tokens left to answer in, dropping the oldest turns while
-        fewer than min(max_new_tokens, half the context) are left."""
+        fewer than min(max_new_tokens, half the context) are left. (The server refuses what does not fit
+        instead: its clients keep their own history.)"""
         block = self.lm.model.config.block_size
         wanted = self.sampling["max_new_tokens"]
         while True:
-            prompt = chat_prompt(self.messages())
-            room = block - len(self.lm.tokenizer.encode(prompt))
+            prompt = self.prompt_ids()
+            room = block - len(prompt)
             if room >= min(wanted, block // 2):
                 return prompt, min(wanted, room)
             if len(self.turns) <= 1:
                 self.turns = []
-                raise ValueError(f"the message does not fit the model's context of {block} tokens")
+                raise ContextLengthError(f"the message does not fit the model's context of {block} tokens")
             self.turns.pop(0)
 
     def reply(self, text: str, write: Callable[[str], None]) -> str:
@@ -113,7 +99,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
                 session.reply(line, write)
             except KeyboardInterrupt:
                 write(" [interrupted]")
-            except ValueError as err:
+            except GptlabError as err:
                 write(f"error: {err}")
             write("\n")
 

@@ -10,16 +10,13 @@ torch.load(weights_only=True): plain tensors and containers, plus the numpy arra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gptlab.config import GPTConfig
+from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.tokenizer import Tokenizer
 
 CKPT_NAME = "ckpt.safetensors"
 LEGACY_CKPT_NAME = "ckpt.pt"  # pickled checkpoints of earlier gptlab versions
@@ -48,7 +44,7 @@ UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight b
 os.umask(UMASK)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptlabError):
     """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 
@@ -169,22 +165,6 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
-@contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` to write into; renamed to `out` when the block succeeds, removed
-    if it fails, so no reader sees a half-written directory. `out` may exist only as an empty directory."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def load(path: str | Path) -> dict[str, Any]:
     """The payload `save` wrote, or that of a legacy pickled checkpoint; never runs code from the file."""
     path = resolve(path)
@@ -234,13 +214,6 @@ def _load_legacy(path: Path) -> dict[str, Any]:
     return payload
 
 
-def model_from_payload(payload: dict[str, Any]) -> GPT:
-    config = GPTConfig.from_dict(payload["model_config"])
-    model = GPT(config)
-    load_weights(model, payload["model"])
-    return model
-
-
 def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
     """Load weights, turning shape or key mismatches into one clear error."""
     try:
@@ -250,15 +223,3 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"checkpoint does not fit the model config: {first[1].strip() if len(first) > 1 else first[0]}"
                               ) from None
 
-
-def load_model(path: str | Path) -> tuple[GPT, Tokenizer]:
-    """A gptlab checkpoint (file or run directory) or a Hugging Face GPT-2 directory -> (model, tokenizer)."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and find(path) is None:
-        from gptlab import hf
-        return hf.load_hf(path)
-    payload = load(path)
-    if "finetune" in payload:  # a `gptlab finetune` run: rebuilt on its base model, LoRA merged in
-        from gptlab import finetune
-        return finetune.standalone_gpt(payload)
-    return model_from_payload(payload), Tokenizer.from_dict(payload["tokenizer"])

@@ -10,14 +10,12 @@ import sys
 import typing
 from pathlib import Path
 
-from gptlab.checkpoint import CheckpointError
-from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS, ConfigError, TrainConfig
-from gptlab.data import DataError
+from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS, TrainConfig
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
-from gptlab.tokenizer import TokenizerError
+from gptlab.errors import GptlabError
+from gptlab.sampling import SamplingConfig
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ValueError, OSError)
 MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
 
 
@@ -136,7 +134,8 @@ SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "r
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from gptlab.finetune import FinetuneConfig, configs_from_sources, finetune
+    from gptlab.finetune.config import FinetuneConfig, configs_from_sources
+    from gptlab.finetune.run import finetune
 
     cfg, ft = configs_from_sources(args.config, _flags(args, TrainConfig), _flags(args, FinetuneConfig))
     result = _run_training(cfg, args, lambda: finetune(cfg, ft))
@@ -145,22 +144,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_task(args: argparse.Namespace) -> None:
-    from gptlab.evaluate import eval_task
+    from gptlab.finetune.tasks import eval_task
 
     print(json.dumps(eval_task(args.ckpt, args.data, max_items=args.max_items, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, device=args.device, precision=args.precision)))
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
-    from gptlab.finetune import merge_checkpoint
+    from gptlab.finetune.artifacts import merge_checkpoint
 
     print(json.dumps(merge_checkpoint(args.ckpt, args.out)))
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
-    from gptlab.finetune import export_peft
+    from gptlab.finetune.artifacts import export_lora
 
-    print(json.dumps(export_peft(args.ckpt, args.out)))
+    print(json.dumps(export_lora(args.ckpt, args.out)))
 
 
 def cmd_data_build(args: argparse.Namespace) -> None:
@@ -170,7 +169,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gptlab.generate import LanguageModel, SamplingConfig
+    from gptlab.generate import LanguageModel
 
     if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
         _fail("--stream takes a single --prompt and no --num-beams")
@@ -220,17 +219,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from gptlab import checkpoint, hf
+    from gptlab import checkpoint, hf, loading
+    from gptlab.outputs import check_new_output
 
-    out = Path(args.out)
+    out = check_new_output(args.out)
     if args.from_hf:
-        if out.exists():
-            _fail(f"output {out} already exists")
         model, tokenizer = hf.load_hf(args.from_hf)
         checkpoint.save(out, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                               "tokenizer": tokenizer.to_dict(), "step": 0})
     else:
-        model, tokenizer = checkpoint.load_model(args.to_hf)
+        loaded = loading.load(args.to_hf)
+        model, tokenizer = loaded.gpt(), loaded.tokenizer
         hf.save_hf(model, tokenizer, out)
     print(json.dumps({"out": str(out), "params": model.num_params()}))
 
@@ -268,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory (holds metrics.csv)")
     p.set_defaults(func=cmd_plot)
 
-    from gptlab.finetune import TRAIN_DEFAULTS, FinetuneConfig
+    from gptlab.finetune.config import TRAIN_DEFAULTS, FinetuneConfig
 
     p = sub.add_parser("finetune", help="adapt a pretrained model to a task (sft | classify; full | lora | freeze)")
     p.add_argument("--config", help="YAML file of training and fine-tuning settings (flags override it)")
@@ -307,14 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     p.add_argument("--min-p", type=float, help="drop tokens below min_p * p(most likely), in [0, 1]")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (prompt too)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=float, default=SamplingConfig.repetition_penalty,
+                   help="> 1 discourages repeats (prompt too)")
+    p.add_argument("--presence-penalty", type=float, default=SamplingConfig.presence_penalty, help="in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=SamplingConfig.frequency_penalty, help="in [-2, 2]")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[],
                    metavar="ID", help="stop token id (repeatable); <|endoftext|> stops unless --ignore-eos")
@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except GptlabError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         _fail(str(err) or type(err).__name__)
 
 

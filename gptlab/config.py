@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 import yaml
 
+from gptlab.errors import GptlabError
 
-class ConfigError(ValueError):
+
+class ConfigError(GptlabError):
     """A configuration value is missing, malformed or out of range (reported to the user as one line)."""
 
 
@@ -44,8 +46,8 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0
     bias: bool = True
+    dropout: float = 0.0
     pos_encoding: Literal["learned", "sinusoidal"] = "learned"
     norm_position: Literal["pre", "post"] = "pre"  # pre-LN is GPT-2, post-LN is GPT-1
     layer_norm_eps: float = 1e-5

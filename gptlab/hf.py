@@ -14,10 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptlab import checkpoint
 from gptlab import tokenizer as tok
-from gptlab.checkpoint import CheckpointError, atomic_directory, load_weights, os_reason
+from gptlab.checkpoint import CheckpointError, load_weights, os_reason
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
+from gptlab.outputs import atomic_directory, check_new_output
 from gptlab.tokenizer import Tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -75,6 +77,12 @@ def state_from_hf(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory rather than a gptlab run directory (which holds ckpt.pt)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and checkpoint.find(path) is None
+
+
 def load_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
     directory = Path(directory)
     try:
@@ -109,9 +117,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> None:
     config = model.config
     if config.pos_encoding != "learned" or config.norm_position != "pre" or not config.bias:
         raise CheckpointError("only GPT-2-style models (learned positions, pre-LN, biases) export to HF GPT-2")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output directory {out} exists and is not empty")
+    check_new_output(out)
     weights = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":

@@ -5,7 +5,7 @@
 so the adapted model starts out identical to the base model. The update is applied as two thin matmuls
 (never materialising B·A during training), and `merge` folds it into W for inference at no extra cost.
 Parameter names and initialisation follow PEFT, so adapters export to PEFT's format unchanged
-(`export_peft`) and load with `peft.PeftModel.from_pretrained` on the HF GPT-2 export of the base model.
+(`save_peft_adapter`) and load with `peft.PeftModel.from_pretrained` on the HF GPT-2 export of the base model.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from gptlab.checkpoint import atomic_directory
+from gptlab.errors import GptlabError
+from gptlab.outputs import atomic_directory
 
 # the four linear layers of a GPT-2 block, named as in HF GPT-2 (and so as PEFT's target_modules)
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-class LoRAError(ValueError):
+class LoRAError(GptlabError):
     """A LoRA setting is out of range, or a model has no LoRA layers where some were expected."""
 
 
@@ -135,7 +136,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def export_peft(model: nn.Module, config: LoRAConfig, out: str | Path, base_model_path: str | Path) -> None:
+def save_peft_adapter(model: nn.Module, config: LoRAConfig, out: str | Path, base_model_path: str | Path) -> None:
     """Write the adapter as PEFT does: adapter_config.json + adapter_model.safetensors.
 
     Keys are `base_model.model.<HF module name>.lora_A.weight`; our module names already are HF GPT-2's,
@@ -152,9 +153,6 @@ def export_peft(model: nn.Module, config: LoRAConfig, out: str | Path, base_mode
         "target_modules": list(config.targets), "fan_in_fan_out": True, "bias": "none",
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise LoRAError(f"output directory {out} exists and is not empty")
     with atomic_directory(out) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))

@@ -4,11 +4,12 @@ and `gptlab plot` (loss, learning rate and throughput curves as loss.png)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from gptlab.errors import GptlabError, require_package
 
 LM_METRICS = ("val_loss", "val_ppl", "val_bpb")  # what evaluate_lm reports; fine-tuning tasks report others
 
@@ -18,7 +19,7 @@ def metric_fields(metric_names: tuple[str, ...] = LM_METRICS) -> list[str]:
     return ["step", "tokens", "train_loss", *metric_names, "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
 
 
-class MetricsError(ValueError):
+class MetricsError(GptlabError):
     """A run directory has no readable metrics."""
 
 
@@ -64,8 +65,7 @@ class MetricsLog:
 
 
 def require_tensorboard() -> None:
-    if importlib.util.find_spec("tensorboard") is None:
-        raise MetricsError("--logger tensorboard needs the tensorboard package (pip install 'gptlab[tensorboard]')")
+    require_package("tensorboard", "pip install 'gptlab[tensorboard]'", "--logger tensorboard")
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

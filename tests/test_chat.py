@@ -1,4 +1,4 @@
-"""The chat template, and `gptlab chat` driven through a pseudo-terminal against the server's answers."""
+"""`gptlab chat`: the session's history trimming, and the terminal chat driven through a pseudo-terminal against the server's answers."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ import pexpect
 import pytest
 import torch
 
-from gptlab.chat import ChatSession, chat_prompt
+from gptlab.chat import ChatSession
 from gptlab.generate import LanguageModel
 from gptlab.model import GPT
+from gptlab.prompts import STYLES, messages_from
 from gptlab.tokenizer import load
 from tests.conftest import API_KEY, tiny_model_config
-
-
-def test_chat_template():
-    prompt = chat_prompt([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}])
-    assert prompt == ("<|system|>\nBe kind.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"
-                      "<|user|>\nBye<|end|>\n<|assistant|>\n")
-    with pytest.raises(ValueError, match="role"):
-        chat_prompt([{"role": "robot", "content": "x"}])
-    with pytest.raises(ValueError, match="at least one"):
-        chat_prompt([])
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -36,10 +26,10 @@ def test_chat_session_drops_the_oldest_turns_to_fit_the_context():
     replies = []
     for i in range(6):
         replies.append(session.reply(f"message number {i} with a few more words in it", pieces.append))
-        prompt_tokens = len(lm.tokenizer.encode(chat_prompt(session.messages()[:-1])))
+        prompt_tokens = len(STYLES["chat"].prompt_ids(messages_from(session.messages()[:-1]), lm.tokenizer))
         assert prompt_tokens + 8 <= 64 and session.messages()[-1] == {"role": "assistant", "content": replies[-1]}
     assert "".join(pieces) == "".join(replies)  # what was streamed is what was kept
-    assert session.messages()[0]["role"] == "system" and "number 0" not in chat_prompt(session.messages())
+    assert session.messages()[0]["role"] == "system" and "number 0" not in STYLES["chat"].render(messages_from(session.messages()))
     with pytest.raises(ValueError, match="does not fit"):
         session.reply("word " * 100, pieces.append)
     assert session.turns == []

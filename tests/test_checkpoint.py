@@ -1,5 +1,5 @@
 """Checkpoints: safetensors + JSON that load back exactly and never run code; legacy pickles load safely;
-atomic writes (checkpoint.save, atomic_directory)."""
+atomic writes (checkpoint.save)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from gptlab import checkpoint, distributed
-from gptlab.checkpoint import CheckpointError, atomic_directory
+from gptlab.checkpoint import CheckpointError
 from gptlab.model import GPT
-from tests.conftest import run_cli, tiny_model_config
+from tests.conftest import load_gpt, run_cli, tiny_model_config
 
 
 def _same(a, b) -> bool:
@@ -76,7 +76,7 @@ def test_legacy_pickled_checkpoint_still_loads(tmp_path):
     torch.save({"format": checkpoint.LEGACY_FORMAT, **payload}, tmp_path / checkpoint.LEGACY_CKPT_NAME)
     assert checkpoint.resolve(tmp_path) == tmp_path / checkpoint.LEGACY_CKPT_NAME
     assert _same(payload, checkpoint.load(tmp_path))
-    model, _ = checkpoint.load_model(tmp_path)
+    model, _ = load_gpt(tmp_path)
     assert torch.equal(model.transformer.wte.weight, payload["model"]["transformer.wte.weight"])
     checkpoint.save(tmp_path / checkpoint.CKPT_NAME, {**payload, "step": 4})  # a resumed run writes the new format
     assert checkpoint.resolve(tmp_path) == tmp_path / checkpoint.CKPT_NAME and checkpoint.load(tmp_path)["step"] == 4
@@ -165,24 +165,3 @@ def test_a_failed_write_is_an_error_and_keeps_the_previous_checkpoint(data_dir, 
     assert "Traceback" not in resumed.stderr
     assert path.read_bytes() == before and checkpoint.load(run)["step"] == 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
-
-
-def test_atomic_directory_appears_only_when_complete(tmp_path):
-    out = tmp_path / "nested" / "export"
-    with atomic_directory(out) as tmp:
-        (tmp / "a.txt").write_text("a")
-        assert not out.exists()  # nothing visible until the block ends
-    assert (out / "a.txt").read_text() == "a"
-    assert [p.name for p in out.parent.iterdir()] == ["export"]  # no temporary left beside it
-
-
-def test_atomic_directory_leaves_nothing_when_the_write_fails(tmp_path):
-    out = tmp_path / "export"
-    out.mkdir()  # an empty directory may be replaced
-    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as tmp:
-        (tmp / "half.bin").write_bytes(b"x")
-        raise KeyboardInterrupt
-    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["export"]
-    with atomic_directory(out) as tmp:
-        (tmp / "whole.bin").write_bytes(b"y")
-    assert [p.name for p in out.iterdir()] == ["whole.bin"]

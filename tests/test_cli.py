@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from gptlab import cli, metrics
+from gptlab.errors import GptlabError
 from tests.conftest import run_cli
 
 
@@ -85,3 +87,19 @@ def test_tokenizer_train_cli(tmp_path, corpus_dir):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["vocab_size"] == 400
     assert (tmp_path / "tok" / "merges.txt").is_file()
+
+
+@pytest.mark.parametrize("error,one_line", [(GptlabError("bad input"), True), (ValueError("a bug"), False),
+                                            (KeyError("a bug"), False)])
+def test_only_gptlab_errors_are_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys, error, one_line):
+    def plot(_):
+        raise error
+
+    monkeypatch.setattr(metrics, "plot", plot)  # `gptlab plot` imports it when it runs
+    if one_line:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["plot", "RUN"])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == "gptlab: error: bad input\n"
+    else:
+        with pytest.raises(type(error), match="a bug"):  # propagates: Python prints its traceback
+            cli.main(["plot", "RUN"])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gptlab import cli, datasets
-from gptlab.data import DataError
+from gptlab.outputs import OutputExistsError
 
 
 def _records(directory, split):
@@ -79,6 +79,6 @@ def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["task"] == "sft" and (tmp_path / "dates" / "val.jsonl").is_file()
     before = (tmp_path / "dates" / "train.jsonl").read_bytes()
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         datasets.build("synthetic-dates", tmp_path / "dates")
     assert (tmp_path / "dates" / "train.jsonl").read_bytes() == before

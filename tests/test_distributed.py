@@ -22,7 +22,7 @@ from gptlab.config import TrainConfig
 from gptlab.data import TokenData
 from gptlab.distributed import free_port
 from gptlab.train import pretrain
-from tests.conftest import tiny_train_config
+from tests.conftest import load_gpt, tiny_train_config
 
 # 4 sequences of 32 tokens per micro-batch; 512 tokens per step = 2 processes x 2 micro-batches = 1 x 4
 GLOBAL = dict(batch_size=4, global_batch_tokens=512, max_steps=20, ckpt_interval=10, eval_interval=10,
@@ -31,14 +31,9 @@ DROPOUT_MODEL = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dro
 LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared, loaded CPU makes every extra OpenMP
-    thread wait for a time slice at each operation (seconds per step instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run fastest on one thread, and on a shared, loaded CPU every extra OpenMP thread waits for a
+# time slice at each operation (seconds per step instead of milliseconds)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Stop(Exception):
@@ -114,7 +109,7 @@ def test_ddp_resume_is_bit_identical(ddp_runs):
 
 
 def test_ddp_checkpoint_loads_in_one_process(ddp_runs):
-    model, _ = checkpoint.load_model(ddp_runs / "plain")
+    model, _ = load_gpt(ddp_runs / "plain")
     payload = checkpoint.load(ddp_runs / "plain")
     assert payload["step"] == 20 and payload["data"] == {"micro_batches_per_step": 4, "world_size": 2}
     assert torch.equal(model.transformer.wte.weight, payload["model"]["transformer.wte.weight"])

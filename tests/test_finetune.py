@@ -4,18 +4,36 @@ import csv
 import json
 import math
 
+import openai
 import pytest
 import torch
 
-from gptlab import checkpoint, cli, finetune
+from gptlab import checkpoint, cli, loading
 from gptlab import tokenizer as tok
 from gptlab.config import TrainConfig
 from gptlab.data import DataError
-from gptlab.finetune import FinetuneConfig, Message
+from gptlab.finetune import tasks
+from gptlab.finetune.config import FinetuneConfig, configs_from_sources
+from gptlab.finetune.data import (
+    ClassifyExample,
+    EpochSampler,
+    SFTExample,
+    classify_batch,
+    load_classify,
+    load_sft,
+    sft_batch,
+    sft_messages,
+)
+from gptlab.finetune.model import FinetuneModel
+from gptlab.finetune.run import finetune
 from gptlab.generate import LanguageModel
 from gptlab.metrics import metric_fields
-from gptlab.model import GPT
-from tests.conftest import tiny_model_config
+from gptlab.model import GPT, IGNORE_INDEX
+from gptlab.prompts import STYLES, Message
+from tests.conftest import load_gpt, run_cli, tiny_model_config
+from tests.helpers import ServerProcess
+
+INSTRUCTION = STYLES["instruction"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "charming"]
@@ -61,8 +79,8 @@ def _run(tmp_path, init, data, name, log=lambda _: None, **settings):
     train = dict(init=str(init), data=str(data), out=str(tmp_path / name), max_steps=8, batch_size=8,
                  eval_interval=1000, ckpt_interval=1000, warmup_steps=2, precision="fp32", lr=1e-2)
     tune = {k: settings.pop(k) for k in list(settings) if k in FinetuneConfig.__dataclass_fields__}
-    cfg, ft = finetune.configs_from_sources(None, {**train, **settings}, tune)
-    return finetune.finetune(cfg, ft, log=log)
+    cfg, ft = configs_from_sources(None, {**train, **settings}, tune)
+    return finetune(cfg, ft, log=log)
 
 
 def _losses(run_dir):
@@ -75,32 +93,32 @@ def test_chat_template_renders_and_trains_only_replies(gpt2_tokenizer):
     tokenizer = gpt2_tokenizer
     messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello."),
                 Message("user", "2+2?"), Message("assistant", "4")]
-    ids, trained = finetune.encode_chat(messages, tokenizer)
-    assert tokenizer.decode(ids) == finetune.render_chat(messages) == (
+    ids, trained = INSTRUCTION.encode(messages, tokenizer, generation_prompt=False)
+    assert tokenizer.decode(ids) == INSTRUCTION.render(messages, generation_prompt=False) == (
         "### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello.<|endoftext|>"
         "### User:\n2+2?\n\n### Assistant:\n4<|endoftext|>")
     assert tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t]) == "Hello.<|endoftext|>4<|endoftext|>"
     # an instruction record is the same conversation as its chat form
-    alpaca = finetune.sft_messages({"instruction": "Add.", "input": "2+2", "output": "4"}, "x")
+    alpaca = sft_messages({"instruction": "Add.", "input": "2+2", "output": "4"}, "x")
     assert alpaca == [Message("user", "Add.\n\n2+2"), Message("assistant", "4")]
-    prompt, _ = finetune.encode_chat(alpaca[:-1], tokenizer, generation_prompt=True)
-    full, _ = finetune.encode_chat(alpaca, tokenizer)
+    prompt, _ = INSTRUCTION.encode(alpaca[:-1], tokenizer)
+    full, _ = INSTRUCTION.encode(alpaca, tokenizer, generation_prompt=False)
     assert full[: len(prompt)] == prompt and tokenizer.decode(full[len(prompt):]) == "4<|endoftext|>"
 
 
 def test_prompt_tokens_contribute_zero_loss_and_zero_gradient(gpt2_tokenizer):
     tokenizer = gpt2_tokenizer
-    examples = [finetune.SFTExample(*finetune.encode_chat(finetune.sft_messages(r, "x"), tokenizer), [], "")
+    examples = [SFTExample(*INSTRUCTION.encode(sft_messages(r, "x"), tokenizer, generation_prompt=False), [], "")
                 for r in ({"instruction": "Spell out this date.", "input": "2001-02-03", "output": "3 February 2001"},
                           {"instruction": "Say hi.", "output": "hi"})]
-    x, y = finetune.sft_batch(examples, tokenizer.eot_id)
+    x, y = sft_batch(examples, tokenizer.eot_id)
     torch.manual_seed(0)
     model = GPT(tiny_model_config(vocab_size=tokenizer.vocab_size, block_size=64))
     logits = model(x)[0]
     logits.retain_grad()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=finetune.IGNORE)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
-    trained = y != finetune.IGNORE
+    trained = y != IGNORE_INDEX
     # exactly the reply tokens and each row's <|endoftext|> are targets; prompt and padding are not
     assert trained.sum().item() == len(tokenizer.encode("3 February 2001")) + 1 + len(tokenizer.encode("hi")) + 1
     assert logits.grad[~trained].abs().max().item() == 0.0
@@ -123,15 +141,15 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, gpt2_tokenizer, line, 
     path = tmp_path / "train.jsonl"
     path.write_text('{"instruction": "ok", "output": "fine"}\n\n' + line + "\n")
     with pytest.raises(DataError) as err:
-        finetune.load_sft(path, gpt2_tokenizer, 64, log=lambda _: None)
+        load_sft(path, gpt2_tokenizer, 64, INSTRUCTION, log=lambda _: None)
     assert str(err.value).startswith(f"{path}:3: ") and needle in str(err.value)
 
 
 def test_classifier_reads_the_last_real_token_whatever_the_padding(tiny_pretrained):
-    gpt, tokenizer = checkpoint.load_model(tiny_pretrained)
-    model = finetune.FinetuneModel(gpt.eval(), num_labels=3)
+    gpt, tokenizer = load_gpt(tiny_pretrained)
+    model = FinetuneModel(gpt.eval(), num_labels=3)
     short, long = ([*tokenizer.encode(t), tokenizer.eot_id] for t in ("a short one", "a much longer text to pad"))
-    x, last, _ = finetune.classify_batch([finetune.ClassifyExample(short, 0), finetune.ClassifyExample(long, 1)],
+    x, last, _ = classify_batch([ClassifyExample(short, 0), ClassifyExample(long, 1)],
                                          tokenizer.eot_id)
     with torch.no_grad():
         batched = model.classify(x, last)
@@ -141,10 +159,10 @@ def test_classifier_reads_the_last_real_token_whatever_the_padding(tiny_pretrain
 
 
 def test_auxiliary_lm_loss_covers_each_rows_real_tokens_only(tiny_pretrained):
-    gpt, tokenizer = checkpoint.load_model(tiny_pretrained)
-    model = finetune.FinetuneModel(gpt.eval(), num_labels=2)
+    gpt, tokenizer = load_gpt(tiny_pretrained)
+    model = FinetuneModel(gpt.eval(), num_labels=2)
     texts = [[*tokenizer.encode(t), tokenizer.eot_id] for t in ("a short one", "a much longer text to pad")]
-    x, last, _ = finetune.classify_batch([finetune.ClassifyExample(ids, 0) for ids in texts], tokenizer.eot_id)
+    x, last, _ = classify_batch([ClassifyExample(ids, 0) for ids in texts], tokenizer.eot_id)
     with torch.no_grad():
         logits, lm_loss = model.classify_and_lm_loss(x, last)
         # the reference: plain cross-entropy of the full logits of each text alone, summed over all predicted tokens
@@ -155,24 +173,25 @@ def test_auxiliary_lm_loss_covers_each_rows_real_tokens_only(tiny_pretrained):
 
 
 def test_dropped_and_cut_examples_are_counted(tmp_path, tiny_pretrained):
-    _, tokenizer = checkpoint.load_model(tiny_pretrained)
+    _, tokenizer = load_gpt(tiny_pretrained)
     _write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "long " * 200, "output": "x"},
                                           {"instruction": "short", "output": "y"}])
     messages = []
-    kept = finetune.load_sft(tmp_path / "sft.jsonl", tokenizer, 96, log=messages.append)
+    kept = load_sft(tmp_path / "sft.jsonl", tokenizer, 96, INSTRUCTION, log=messages.append)
     assert len(kept) == 1 and messages == [f"{tmp_path / 'sft.jsonl'}: 1 examples, 1 longer than the 96-token "
                                            f"context (left out)"]
     _write_jsonl(tmp_path / "cls.jsonl", [{"text": "word " * 300, "label": "a"}, {"text": "fine", "label": "b"}])
-    examples, labels = finetune.load_classify(tmp_path / "cls.jsonl", tokenizer, 96, log=messages.append)
+    examples, labels = load_classify(tmp_path / "cls.jsonl", tokenizer, 96, log=messages.append)
     assert labels == ["a", "b"] and len(examples[0].ids) == 96 and examples[0].ids[-1] == tokenizer.eot_id
     assert messages[-1].endswith("2 examples, 1 cut to the 96-token context")
 
 
 # --- training --------------------------------------------------------------------------------------
 def test_sft_answers_held_out_items_from_the_command_line(tmp_path, tiny_pretrained, sentiment_sft_dir, capsys):
-    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one on dates).
-    500 steps at lr 3e-3 reach exact match 1.0 from bases pretrained on one thread or two; 250 at 1e-2
-    sometimes stayed at the majority answer (float sums on two threads vary the base run to run)."""
+    """The CI-sized form of the SFT acceptance run (docs/FINETUNING.md has the full-size one on dates): 500
+    steps at lr 3e-3 answer at least 90% of the held-out items exactly (1.0 in the runs we measured, from
+    bases pretrained on one thread or two: float sums on two threads vary the base run to run); 250 at
+    1e-2 sometimes stayed at the majority answer, 0.5 here."""
     cli.main(["finetune", "--init", str(tiny_pretrained), "--data", str(sentiment_sft_dir), "--out",
               str(tmp_path / "sft"), "--task", "sft", "--method", "full", "--max-steps", "500",
               "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "5", "--eval-interval", "500",
@@ -181,7 +200,7 @@ def test_sft_answers_held_out_items_from_the_command_line(tmp_path, tiny_pretrai
     summary = json.loads(stdout.strip().splitlines()[-1])
     answers = [json.loads(line)["output"] for line in (sentiment_sft_dir / "val.jsonl").read_text().splitlines()]
     always_the_majority = max(answers.count(a) for a in set(answers)) / len(answers)  # 0.5: nothing learned
-    assert summary["exact_match"] >= always_the_majority + 0.1, summary
+    assert always_the_majority == 0.5 and summary["exact_match"] >= 0.9, summary
     assert "sft / full: training" in stdout and "(100.000%)" in stdout
     header = (tmp_path / "sft" / "metrics.csv").read_text().splitlines()[0]
     assert header == ",".join(metric_fields(("val_loss", "exact_match", "chrf", "bleu", "rouge_l")))
@@ -202,15 +221,15 @@ def test_lora_classifier_saves_only_adapters_and_eval_task_reproduces_it(tmp_pat
     assert scores["accuracy"] == pytest.approx(result["accuracy"])
     assert scores["loss"] == pytest.approx(result["val_loss"], rel=1e-4)
     with pytest.raises(checkpoint.CheckpointError, match="classifier"):
-        checkpoint.load_model(tmp_path / "lora")
+        load_gpt(tmp_path / "lora")
 
 
 def test_freeze_trains_only_the_top_blocks_and_the_head(tmp_path, tiny_pretrained, sentiment_dir):
     _run(tmp_path, tiny_pretrained, sentiment_dir, "freeze", task="classify", method="freeze", train_layers=1)
-    base, _ = checkpoint.load_model(tiny_pretrained)
-    tuned, _, info = finetune.load_finetuned(tmp_path / "freeze")
-    assert info["labels"] == ["neg", "pos"]
-    tuned_state = tuned.gpt.state_dict()
+    base, _ = load_gpt(tiny_pretrained)
+    tuned = loading.load(tmp_path / "freeze")
+    assert tuned.finetune["labels"] == ["neg", "pos"]
+    tuned_state = tuned.model.gpt.state_dict()
     for name, before in base.state_dict().items():
         changed = not torch.equal(before, tuned_state[name])
         assert changed == name.startswith(("transformer.h.1.", "transformer.ln_f.")), name
@@ -222,7 +241,7 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_pretrained, sentiment_sft_dir, 
     settings = dict(task="sft", method="lora", lora_dropout=0.1, max_steps=6, ckpt_interval=3, eval_items=4,
                     max_new_tokens=4)
     _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "straight", **settings)
-    real_batch, calls = finetune.sft_batch, []
+    real_batch, calls = tasks.sft_batch, []
 
     def interrupted_after_three_steps(*args):
         calls.append(1)
@@ -230,10 +249,10 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_pretrained, sentiment_sft_dir, 
             raise KeyboardInterrupt
         return real_batch(*args)
 
-    monkeypatch.setattr(finetune, "sft_batch", interrupted_after_three_steps)
+    monkeypatch.setattr(tasks, "sft_batch", interrupted_after_three_steps)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "split", **settings)
-    monkeypatch.setattr(finetune, "sft_batch", real_batch)
+    monkeypatch.setattr(tasks, "sft_batch", real_batch)
     _run(tmp_path, tiny_pretrained, sentiment_sft_dir, "split", resume=True, **settings)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
 
@@ -246,8 +265,9 @@ def test_merge_lora_gives_a_standalone_checkpoint(tmp_path, tiny_pretrained, sen
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == str(tmp_path / "merged.pt")
     merged = checkpoint.load(tmp_path / "merged.pt")
     assert "finetune" not in merged and not any("lora" in k for k in merged["model"])
-    prompt = finetune.render_chat([Message("user", "Spell out this date.\n\n1999-12-31")], generation_prompt=True)
-    unmerged, tokenizer, _ = finetune.load_finetuned(tmp_path / "run")
+    prompt = INSTRUCTION.render([Message("user", "Spell out this date.\n\n1999-12-31")])
+    run = loading.load(tmp_path / "run")
+    unmerged, tokenizer = run.model, run.tokenizer
     ids = tokenizer.encode(prompt)
     with torch.no_grad():
         assert (unmerged(torch.tensor([ids]))[0] - LanguageModel.load(tmp_path / "merged.pt").model(
@@ -279,7 +299,36 @@ def test_finetune_cli_errors_are_one_line(tmp_path, tiny_pretrained, sentiment_d
 
 def test_sampler_draws_each_example_once_per_epoch_across_micro_batches():
     """global_batch_tokens = 3 micro-batches of 4 x 32 tokens: steps must not reuse each other's examples."""
-    sampler = finetune.EpochSampler(24, TrainConfig(batch_size=4, global_batch_tokens=3 * 4 * 32), block_size=32)
+    sampler = EpochSampler(24, TrainConfig(batch_size=4, global_batch_tokens=3 * 4 * 32), block_size=32)
     epoch = [i for step in range(2) for micro in range(3) for i in sampler.indices(step, micro)]
     assert sorted(epoch) == list(range(24))
     assert sampler.indices(2, 0) != sampler.indices(0, 0)  # the next epoch is shuffled afresh
+
+
+CHAT_REPLIES = {"What is the capital of France?": "Paris.", "Who wrote Hamlet?": "Shakespeare did.",
+                "Say hello.": "Hello there!", "How many legs has a cat?": "Four legs.",
+                "What colour is the sky?": "Blue, mostly.", "Name a fruit.": "An apple."}
+
+
+@pytest.mark.parametrize("style", ["chat", "instruction"])
+def test_a_fine_tuned_chat_model_gives_its_trained_reply_through_the_api(tmp_path, tiny_pretrained, style):
+    """`gptlab finetune` on chat records, then `gptlab serve` on the run: the server renders requests in
+    the style the checkpoint was trained in, and stops where the trained reply ends."""
+    records = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
+                             {"role": "assistant", "content": a}]} for q, a in CHAT_REPLIES.items()]
+    _write_jsonl(tmp_path / "data" / "train.jsonl", records)
+    _write_jsonl(tmp_path / "data" / "val.jsonl", records)
+    run = tmp_path / "run"
+    result = run_cli("finetune", "--init", str(tiny_pretrained), "--data", str(tmp_path / "data"), "--out", str(run),
+                     "--task", "sft", "--method", "full", "--prompt-style", style, "--max-steps", "150",
+                     "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "5", "--eval-interval", "150",
+                     "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["exact_match"] == 1.0  # memorised
+    assert checkpoint.load(run)["prompt_style"] == style
+    with ServerProcess(run, tmp_path / "serve.log", "--threads", "1") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for question, answer in list(CHAT_REPLIES.items())[:3]:
+            out = client.chat.completions.create(model="run", temperature=0, max_tokens=20, messages=[
+                {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}])
+            assert out.choices[0].message.content == answer and out.choices[0].finish_reason == "stop"

@@ -11,21 +11,16 @@ import pytest
 import torch
 
 from gptlab import checkpoint, hf
+from gptlab.beam import beam_search
 from gptlab.cpu import layers, prepare_inference
 from gptlab.cpu.layers import CPULinear, Int8Linear
-from gptlab.generate import (
-    Decoder,
-    LanguageModel,
-    SamplingConfig,
-    _Sequence,
-    _TextReleaser,
-    beam_search,
-    filter_logits,
-    score,
-)
+from gptlab.errors import ContextLengthError
+from gptlab.generate import Decoder, LanguageModel, _Sequence, _TextReleaser, complete, prompt_logprobs
 from gptlab.model import GPT, KVCache
+from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import load
 from tests.conftest import KERNEL_VARIANTS, run_cli, tiny_model_config
+from tests.helpers import hf_generate
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -61,19 +56,6 @@ def random_prompts(lengths, seed=0):
     return [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
 
 
-def hf_greedy(model, prompts, new_tokens, **kwargs):
-    """transformers' batched generate: left padding plus an attention mask."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, **kwargs)
-    return out[:, width:].tolist()
-
-
 # --- parity with transformers ----------------------------------------------------------------------
 
 def test_greedy_is_token_identical_to_transformers(peer, tokenizer):
@@ -82,19 +64,19 @@ def test_greedy_is_token_identical_to_transformers(peer, tokenizer):
     prompts = random_prompts([1, 7, 40, 23])
     cfg = SamplingConfig(max_new_tokens=24, **GREEDY)
     for prompt in prompts[:3]:  # batch 1, several prompt lengths
-        assert lm.complete([prompt], cfg)[0].token_ids == hf_greedy(model, [prompt], 24)[0]
+        assert lm.complete([prompt], cfg)[0].token_ids == hf_generate(model, [prompt], 24)[0]
     # batched: 4 prompts of different lengths through 3 slots (the 4th takes the first free slot)
-    assert [c.token_ids for c in lm.complete(prompts, cfg)] == hf_greedy(model, prompts, 24)
+    assert [c.token_ids for c in lm.complete(prompts, cfg)] == hf_generate(model, prompts, 24)
 
 
 def test_beam_search_matches_transformers(peer):
     model, ours = peer
     for prompt, beams, penalty in zip(random_prompts([5, 12], seed=1), (3, 4), (1.0, 0.5), strict=True):
-        expected = hf_greedy(model, [prompt], 8, num_beams=beams, length_penalty=penalty)[0]
+        expected = hf_generate(model, [prompt], 8, num_beams=beams, length_penalty=penalty)[0]
         assert beam_search(ours, prompt, beams, 8, penalty) == expected
     # an EOS token ends hypotheses: make the greedy 3rd token an EOS, transformers agrees on the result
     prompt = random_prompts([6], seed=2)[0]
-    eos = hf_greedy(model, [prompt], 3)[0][2]
+    eos = hf_generate(model, [prompt], 3)[0][2]
     width = len(prompt)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=8, num_beams=3, do_sample=False,
                          eos_token_id=eos, pad_token_id=eos)[0, width:].tolist()
@@ -215,7 +197,7 @@ def test_logprobs_and_score_match_the_full_forward(lm):
         row = full[len(prompt) - 1 + i]
         assert logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert [t for t, _ in top] == row.topk(3).indices.tolist()
-    scored = score(lm.model, prompt + out.token_ids)
+    scored, _ = prompt_logprobs(lm.model, prompt + out.token_ids)
     assert scored[0] is None and scored[len(prompt):] == pytest.approx(out.logprobs, abs=1e-4)
     greedy = lm.complete([prompt], SamplingConfig(max_new_tokens=2, logprobs=0, **GREEDY))[0]
     assert greedy.top_logprobs == [[], []] and math.exp(greedy.logprobs[0]) <= 1
@@ -284,7 +266,7 @@ def test_decoder_slots_cancel_and_refusals(lm):
         decoder.add([50257], cfg)
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(max_new_tokens=0),
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(temperature=2.5), dict(max_new_tokens=0),
                                  dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0),
                                  dict(presence_penalty=3.0), dict(stop=[""]), dict(logprobs=-1)])
 def test_bad_sampling_parameters_raise(lm, bad):
@@ -413,7 +395,9 @@ def test_cli_generate_stream_beams_int8(ckpt, lm):
     streamed = run_cli(*common, "--prompt", "Hello", "--stream", "--stop", expected[0][3:6])
     assert streamed.returncode == 0 and streamed.stdout == "Hello" + expected[0][: expected[0].index(expected[0][3:6])] + "\n"
     beams = run_cli(*common, "--prompt", "Hello", "--num-beams", "3", "--quantize", "int8")
-    assert beams.returncode == 0 and beams.stdout.startswith("Hello"), beams.stderr
+    int8_beams = LanguageModel.load(ckpt, quantize="int8").generate("Hello", num_beams=3, max_new_tokens=8,
+                                                                     ignore_eos=True)
+    assert beams.returncode == 0 and beams.stdout == f"Hello{int8_beams[0]}\n", beams.stderr
 
 
 @pytest.mark.parametrize("flags,needle", [(["--top-p", "1.5"], "top_p"), (["--quantize", "int4"], "invalid choice"),
@@ -423,3 +407,30 @@ def test_cli_bad_generation_flags_exit_2(ckpt, flags, needle):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def _greedy_one_by_one(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The plainest greedy decoder: a full forward pass per new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_complete_batches_ragged_prompts_like_one_by_one_greedy_decoding_and_stops():
+    """`complete` (what evaluation and LanguageModel run) against the plainest decoder, prompts of mixed
+    lengths in one continuous batch of 2 slots, one stop token."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=64, block_size=24)).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (3, 5, 3, 8, 5, 3)]
+    reference = [_greedy_one_by_one(model, p, 6) for p in prompts]
+    stop = reference[0][2]  # a token the model does emit, so at least one row stops early
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0, stop_token_ids=[stop], ignore_eos=True)
+    batched = [c.token_ids for c in complete(model, load("gpt2"), prompts, [cfg] * len(prompts), max_batch=2)]
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in reference]  # the stop token included
+    assert batched == expected
+    assert len(batched[0]) == 3
+    with pytest.raises(ContextLengthError, match="context"):
+        complete(model, load("gpt2"), [[1] * 24], [SamplingConfig(max_new_tokens=1)])

@@ -7,6 +7,8 @@ import torch
 
 from gptlab import checkpoint, hf
 from gptlab import tokenizer as tok
+from gptlab.outputs import OutputExistsError
+from tests.conftest import load_gpt
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_round_trip_through_gptlab_checkpoint_and_back(hf_dir, tmp_path):
     ckpt = tmp_path / "model.pt"
     checkpoint.save(ckpt, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                            "tokenizer": tokenizer.to_dict(), "step": 0})
-    reloaded, reloaded_tok = checkpoint.load_model(ckpt)
+    reloaded, reloaded_tok = load_gpt(ckpt)
     hf.save_hf(reloaded, reloaded_tok, tmp_path / "export")
     tokens = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(2))
     exported = _hf_logits(tmp_path / "export", tokens)
@@ -64,7 +66,7 @@ def test_export_of_a_gptlab_trained_model_loads_in_transformers(data_dir, tmp_pa
     from tests.conftest import tiny_train_config
 
     pretrain(tiny_train_config(data_dir, tmp_path / "run", max_steps=3), log=lambda _: None)
-    model, tokenizer = checkpoint.load_model(tmp_path / "run")
+    model, tokenizer = load_gpt(tmp_path / "run")
     hf.save_hf(model, tokenizer, tmp_path / "export")
     tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -80,7 +82,7 @@ def test_export_refuses_to_overwrite(hf_dir, tmp_path):
     model, tokenizer = hf.load_hf(hf_dir)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(checkpoint.CheckpointError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         hf.save_hf(model, tokenizer, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 

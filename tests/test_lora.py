@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from gptlab import cli, finetune, lora
+from gptlab import cli, loading, lora
 from gptlab.config import GPTConfig
+from gptlab.finetune.config import configs_from_sources
+from gptlab.finetune.run import finetune
 from gptlab.model import GPT
 from tests.conftest import tiny_model_config
 
@@ -84,11 +86,11 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     for split in ("train", "val"):
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg, ft = finetune.configs_from_sources(
+    cfg, ft = configs_from_sources(
         None, dict(init=str(tiny_pretrained), data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=6,
                    batch_size=8, warmup_steps=1, lr=2e-2, precision="fp32"),
         dict(method="lora", lora_rank=4, lora_alpha=8, lora_targets=",".join(ALL), eval_items=2, max_new_tokens=2))
-    finetune.finetune(cfg, ft, log=lambda _: None)
+    finetune(cfg, ft, log=lambda _: None)
     capsys.readouterr()
     cli.main(["export-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     exported = json.loads(capsys.readouterr().out)
@@ -97,7 +99,7 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     # blocks * rank * (in + out) of each adapted matrix, 64 wide
     assert exported["adapter_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
 
-    ours, _, _ = finetune.load_finetuned(tmp_path / "run")
+    ours = loading.load(tmp_path / "run").model
     tokens = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     base_hf = GPT2LMHeadModel.from_pretrained(tmp_path / "export" / "base").eval()
     with torch.no_grad():

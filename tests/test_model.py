@@ -20,7 +20,11 @@ def test_forward_shapes_loss_and_tied_head():
     # an untrained model predicts close to uniform: loss near ln(vocab)
     assert abs(loss.item() - math.log(512)) < 0.5
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    # counted from the architecture, the tied head once: embeddings, 12C^2 + 13C per block, the final LayerNorm
+    vocab, block, layers, width = 512, 32, 2, 32
+    per_block = (2 * width) + (3 * width * width + 3 * width) + (width * width + width) + (2 * width) \
+        + (4 * width * width + 4 * width) + (4 * width * width + width)
+    assert model.num_params() == vocab * width + block * width + layers * per_block + 2 * width
 
 
 def test_attention_is_causal():

@@ -13,11 +13,12 @@ import requests
 import torch
 
 from gptlab import cli
-from gptlab.chat import END_OF_TURN, chat_prompt
 from gptlab.generate import LanguageModel
-from gptlab.serve import ServerProcess
-from tests.conftest import API_KEY
+from gptlab.prompts import STYLES, messages_from
+from tests.conftest import API_KEY, load_gpt
+from tests.helpers import ServerProcess
 
+CHAT = STYLES["chat"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,8 +39,13 @@ def greedy(lm: LanguageModel, prompt: str, max_tokens: int, **extra) -> str:
 
 def sampled_chat(lm: LanguageModel, messages: list[dict], max_tokens: int, seed: int) -> str:
     """The in-process reply (sampled: this random model's greedy chat replies are all newlines)."""
-    return lm.generate(chat_prompt(messages), max_new_tokens=max_tokens, temperature=1.0, seed=seed,
-                       stop=[END_OF_TURN])[0]
+    return lm.generate([chat_ids(lm, messages)], max_new_tokens=max_tokens, temperature=1.0, seed=seed,
+                       stop=list(CHAT.stop))[0]
+
+
+def chat_ids(lm: LanguageModel, messages: list[dict]) -> list[int]:
+    """The prompt a base model gets for a conversation: the chat style (gptlab.prompts)."""
+    return CHAT.prompt_ids(messages_from(messages), lm.tokenizer)
 
 
 def test_models_and_health(server, client):
@@ -72,7 +78,7 @@ def test_chat_matches_in_process_generation_with_the_shared_template(client, lm)
                                          seed=7)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == sampled_chat(lm, messages, 10, seed=7) != ""
-    assert out.usage.prompt_tokens == len(lm.tokenizer.encode(chat_prompt(messages)))
+    assert out.usage.prompt_tokens == len(chat_ids(lm, messages))
 
 
 def test_streaming_gives_the_same_text_in_pieces(client, lm):
@@ -240,8 +246,8 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     expected = {}  # (0 completion | 1 chat, prompt, max_tokens) -> the text generated in-process
     for max_tokens in {j[3] for j in jobs}:
         texts = lm.generate(prompts, max_new_tokens=max_tokens, temperature=0)
-        chats = lm.generate([chat_prompt([{"role": "user", "content": p}]) for p in prompts],
-                            max_new_tokens=max_tokens, temperature=1.0, seed=11, stop=[END_OF_TURN])
+        chats = lm.generate([chat_ids(lm, [{"role": "user", "content": p}]) for p in prompts],
+                            max_new_tokens=max_tokens, temperature=1.0, seed=11, stop=list(CHAT.stop))
         for prompt, text, chat in zip(prompts, texts, chats, strict=True):
             expected[0, prompt, max_tokens], expected[1, prompt, max_tokens] = text, chat
 
@@ -312,7 +318,7 @@ def test_lm_eval_local_completions_matches_in_process(server, chat_ckpt, tmp_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from gptlab import checkpoint, hf
+    from gptlab import hf
 
     questions = [("The sky is", [" blue", " green", " loud"]), ("Fire is", [" hot", " cold", " square"]),
                  ("Two plus two is", [" four", " five", " nine"]), ("Ice is", [" cold", " warm", " purple"]),
@@ -346,7 +352,7 @@ metric_list:
 
     api_acc, api_ll = evaluate("local-completions", f"model=tiny-chat,base_url={server.url}/v1/completions,"
                                                     f"tokenizer_backend=remote,auth_token={API_KEY},max_length=1024,num_concurrent=2")
-    model, tokenizer = checkpoint.load_model(chat_ckpt)
+    model, tokenizer = load_gpt(chat_ckpt)
     hf.save_hf(model, tokenizer, tmp_path / "hf-model")
     local_acc, local_ll = evaluate("hf", f"pretrained={tmp_path / 'hf-model'},device=cpu,dtype=float32")
     assert api_acc == local_acc

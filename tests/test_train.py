@@ -20,15 +20,9 @@ from gptlab.model import GPT, linear_cross_entropy
 from gptlab.train import Task, fit, grad_accum_steps, lr_at, pretrain
 from tests.conftest import tiny_model_config, tiny_train_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared, loaded CPU makes every extra OpenMP
-    thread wait for a time slice at each operation (seconds per step instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run fastest on one thread, and on a shared, loaded CPU every extra OpenMP thread waits for a
+# time slice at each operation (seconds per step instead of milliseconds)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _losses(run_dir) -> list[float]:

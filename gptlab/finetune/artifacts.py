@@ -1,0 +1,56 @@
+"""What a fine-tuning run becomes: a self-contained checkpoint (`gptlab merge-lora`) or an HF GPT-2 base
+model plus a PEFT adapter (`gptlab export-lora`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from gptlab import checkpoint, hf, loading, lora
+from gptlab.checkpoint import CheckpointError
+from gptlab.finetune.config import FinetuneConfig
+from gptlab.outputs import check_new_output
+
+
+def merge_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """`gptlab merge-lora`: a self-contained full checkpoint of a fine-tuned run (LoRA merged in).
+
+    SFT runs become ordinary gptlab checkpoints (that keep their prompt style); classifiers stay
+    fine-tuning checkpoints with every weight.
+    """
+    out = check_new_output(out)
+    payload = checkpoint.load(ckpt)
+    if "finetune" not in payload:
+        raise CheckpointError(f"{ckpt} is not a `gptlab finetune` checkpoint")
+    loaded, info = loading.from_payload(payload), payload["finetune"]
+    kept = {"tokenizer": payload["tokenizer"], "step": payload["step"]}
+    if loaded.task == "sft":
+        gpt = loaded.gpt()
+        checkpoint.save(out, {"model": gpt.state_dict(), "model_config": gpt.config.to_dict(),
+                              "prompt_style": loaded.prompt_style.name, **kept})
+        return {"out": str(out), "params": gpt.num_params()}
+    model = loaded.model
+    if lora.lora_layers(model.gpt):
+        lora.merge_lora(model.gpt)
+    model.partial_state = False  # every weight, and no base to rebuild from
+    checkpoint.save(out, {"model": model.state_dict(), "model_config": model.config.to_dict(), **kept,
+                          "finetune": {**info, "config": {**info["config"], "method": "full"}, "base": None}})
+    return {"out": str(out), "params": lora.count_parameters(model)[1]}
+
+
+def export_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """`gptlab export-lora`: OUT/base (HF GPT-2 export of the base model) + OUT/adapter (PEFT LoRA adapter)."""
+    out = check_new_output(out)
+    payload = checkpoint.load(ckpt)
+    info = payload.get("finetune")
+    if info is None or info["config"]["method"] != "lora" or info["config"]["task"] != "sft":
+        raise CheckpointError(f"{ckpt} is not a LoRA fine-tuning of a language model (--task sft --method lora)")
+    loaded = loading.from_payload(payload)
+    base = copy.deepcopy(loaded.model.gpt)
+    lora.remove_lora(base, merge=False)
+    hf.save_hf(base, loaded.tokenizer, out / "base")
+    lora_config = FinetuneConfig(**info["config"]).lora_config()
+    lora.save_peft_adapter(loaded.model.gpt, lora_config, out / "adapter", base_model_path=(out / "base").resolve())
+    trainable = sum(t.numel() for t in lora.adapter_state(loaded.model.gpt).values())
+    return {"base": str(out / "base"), "adapter": str(out / "adapter"), "adapter_params": trainable}

@@ -1,0 +1,73 @@
+"""`gptlab finetune`'s settings: what to adapt and how (FinetuneConfig), merged with the shared TrainConfig
+from fine-tuning defaults, a YAML file and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gptlab import lora, prompts
+from gptlab.config import ConfigError, TrainConfig, load_yaml
+
+# `gptlab finetune` defaults where they differ from pretraining's (a YAML file or flags override them)
+TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_size=16, lr=1e-3, min_lr=0.0,
+                                      warmup_steps=20, weight_decay=0.0, eval_interval=100, ckpt_interval=100)
+
+
+@dataclass
+class FinetuneConfig:
+    """What to adapt and how (the optimisation settings are the shared TrainConfig)."""
+
+    task: Literal["sft", "classify"] = "sft"
+    method: Literal["full", "lora", "freeze"] = "lora"
+    train_layers: int = 1  # freeze: how many top blocks train (0: only the head)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj"  # comma-separated: attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj
+    from_scratch: bool = False  # --init's architecture and tokenizer, freshly initialised weights (a baseline)
+    lm_weight: float = 0.0  # classify: weight of the auxiliary next-token loss on the texts (GPT-1 uses 0.5)
+    eval_items: int = 500  # validation items scored at each evaluation (0: all)
+    max_new_tokens: int = 64  # generation length cap when scoring SFT
+    prompt_style: str = "instruction"  # sft: how conversations are rendered (gptlab.prompts); kept in the checkpoint
+
+    def __post_init__(self) -> None:
+        if self.task not in ("sft", "classify"):
+            raise ConfigError(f"task must be sft or classify, got {self.task!r}")
+        if self.method not in ("full", "lora", "freeze"):
+            raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
+        for name in ("train_layers", "eval_items"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if isinstance(self.lm_weight, bool) or not isinstance(self.lm_weight, (int, float)) \
+                or not 0 <= self.lm_weight <= 100:
+            raise ConfigError(f"lm_weight must be in [0, 100], got {self.lm_weight}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        prompts.get(self.prompt_style)
+        self.lora_config()  # validates the LoRA settings early
+
+    def lora_config(self) -> lora.LoRAConfig:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return lora.LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                               targets=targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def configs_from_sources(yaml_path: str | None, train_flags: dict[str, Any], finetune_flags: dict[str, Any],
+                         ) -> tuple[TrainConfig, FinetuneConfig]:
+    """Fine-tuning defaults, then a YAML file (keys of either config), then flags (None = not given)."""
+    finetune_keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    loaded = load_yaml(yaml_path) if yaml_path else {}
+    train_values = {**TRAIN_DEFAULTS, **{k: v for k, v in loaded.items() if k not in finetune_keys},
+                    **{k: v for k, v in train_flags.items() if v is not None}}
+    finetune_values = {**{k: v for k, v in loaded.items() if k in finetune_keys},
+                       **{k: v for k, v in finetune_flags.items() if v is not None}}
+    try:
+        return TrainConfig.from_sources(None, **train_values), FinetuneConfig(**finetune_values)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+

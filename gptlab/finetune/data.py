@@ -1,0 +1,193 @@
+"""Fine-tuning data: JSONL records validated line by line, encoded into examples (through the run's prompt
+style for SFT), padded into batches, and drawn in seeded epochs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab import distributed, prompts
+from gptlab.config import TrainConfig
+from gptlab.data import DataError
+from gptlab.model import IGNORE_INDEX
+from gptlab.prompts import Message, PromptStyle
+from gptlab.tokenizer import Tokenizer
+from gptlab.train import draw_generator, grad_accum_steps
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`file:line`, object) for each non-blank line; anything else is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _text(record: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    value = record.get(key, None if required else "")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__ if key in record else 'nothing'}")
+    return value
+
+
+def sft_messages(record: dict[str, Any], where: str) -> list[Message]:
+    """An instruction record or a chat record as a list of messages ending with the assistant's reply."""
+    if "messages" in record:
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        try:
+            result = prompts.messages_from(record["messages"], where)
+        except prompts.PromptError as err:
+            raise DataError(str(err)) from None
+        if any(m.role == "system" for m in result[1:]):
+            raise DataError(f"{where}: only the first message may be a system message")
+        if result[-1].role != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (the response to learn)")
+        return result
+    if "instruction" in record and "output" in record:
+        instruction, extra = _text(record, "instruction", where), _text(record, "input", where, required=False)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return [Message("user", user), Message("assistant", _text(record, "output", where))]
+    raise DataError(f"{where}: expected {{\"instruction\", \"input\", \"output\"}} or {{\"messages\"}}, "
+                    f"got keys {sorted(record)}")
+
+
+def classify_record(record: dict[str, Any], where: str) -> tuple[str, str]:
+    if "text" not in record or "label" not in record:
+        raise DataError(f"{where}: expected {{\"text\", \"label\"}}, got keys {sorted(record)}")
+    text, label = _text(record, "text", where), record["label"]
+    if not text:
+        raise DataError(f"{where}: 'text' is empty")
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise DataError(f"{where}: 'label' must be a string or an integer")
+    return text, str(label)
+
+
+# --- examples and batches --------------------------------------------------------------------------
+@dataclass
+class SFTExample:
+    ids: list[int]  # the whole conversation: prompt, reply, <|endoftext|>
+    trained: list[bool]  # per token of ids: is it a target the loss covers
+    prompt: list[int]  # everything before the final reply (what generation starts from)
+    reference: str  # the final reply
+
+
+@dataclass
+class ClassifyExample:
+    ids: list[int]
+    label: int
+
+
+def load_sft(path: str | Path, tokenizer: Tokenizer, block_size: int, style: PromptStyle,
+             log: Callable[[str], None] = print) -> list[SFTExample]:
+    """Encode a file of instruction/chat records in `style`; conversations longer than the context are left
+    out (counted)."""
+    examples, too_long = [], 0
+    for where, record in read_jsonl(path):
+        messages = sft_messages(record, where)
+        ids, trained = style.encode(messages, tokenizer, generation_prompt=False)
+        if len(ids) > block_size + 1:  # inputs are ids[:-1], targets ids[1:]
+            too_long += 1
+            continue
+        prompt = style.prompt_ids(messages[:-1], tokenizer)
+        examples.append(SFTExample(ids, trained, prompt, messages[-1].content))
+    _report(path, len(examples), {f"longer than the {block_size}-token context (left out)": too_long}, log)
+    return examples
+
+
+def load_classify(path: str | Path, tokenizer: Tokenizer, block_size: int, labels: list[str] | None = None,
+                  log: Callable[[str], None] = print) -> tuple[list[ClassifyExample], list[str]]:
+    """Encode a file of {"text","label"} records; labels default to the sorted labels found (the training set).
+    Texts longer than the context are cut to fit (counted)."""
+    rows = [(where, *classify_record(record, where)) for where, record in read_jsonl(path)]
+    if labels is None:
+        labels = sorted({label for _, _, label in rows})
+        if len(labels) < 2:
+            raise DataError(f"{path}: a classifier needs at least two labels, found {labels}")
+    index = {label: i for i, label in enumerate(labels)}
+    examples, cut = [], 0
+    for (where, _, label), ids in zip(rows, tokenizer.encode_batch([text for _, text, _ in rows]), strict=True):
+        if label not in index:
+            raise DataError(f"{where}: label {label!r} is not one the model was trained on ({', '.join(labels)})")
+        if len(ids) > block_size - 1:
+            ids, cut = ids[: block_size - 1], cut + 1
+        examples.append(ClassifyExample(ids + [tokenizer.eot_id], index[label]))
+    _report(path, len(examples), {f"cut to the {block_size}-token context": cut}, log)
+    return examples, labels
+
+
+def _report(path: str | Path, kept: int, notes: dict[str, int], log: Callable[[str], None]) -> None:
+    if kept == 0:
+        raise DataError(f"{path}: no usable examples")
+    extra = "".join(f", {count} {what}" for what, count in notes.items() if count)
+    log(f"{path}: {kept} examples{extra}")
+
+
+def sft_batch(examples: list[SFTExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), right-padded to the longest example; untrained and padded targets are IGNORE_INDEX."""
+    width = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids, trained = torch.tensor(example.ids), torch.tensor(example.trained)
+        x[row, : len(ids) - 1] = ids[:-1]
+        y[row, : len(ids) - 1] = torch.where(trained[1:], ids[1:], IGNORE_INDEX)
+    return x, y
+
+
+def classify_batch(examples: list[ClassifyExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, index of each row's last real token, label ids)."""
+    width = max(len(e.ids) for e in examples)
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    for row, example in enumerate(examples):
+        x[row, : len(example.ids)] = torch.tensor(example.ids)
+    last = torch.tensor([len(e.ids) - 1 for e in examples])
+    return x, last, torch.tensor([e.label for e in examples])
+
+
+def in_batches(items: list, size: int) -> Iterator[list]:
+    for first in range(0, len(items), size):
+        yield items[first: first + size]
+
+
+class EpochSampler:
+    """Which examples make up micro-batch `micro` of optimizer step `step`: shuffled epochs drawn from the
+    seed alone, so a resumed run sees exactly the batches an uninterrupted one would. `micro` numbers the
+    micro-batches of the whole global batch (all processes, all accumulation steps; see train.Task)."""
+
+    def __init__(self, n_examples: int, cfg: TrainConfig, block_size: int) -> None:
+        self.n, self.cfg, self.block_size = n_examples, cfg, block_size
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders[epoch] = torch.randperm(self.n, generator=draw_generator(self.cfg.seed, epoch)).tolist()
+        return self._orders[epoch]
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        processes = distributed.world().size  # asked inside fit, once the process group exists
+        per_step = grad_accum_steps(self.cfg, self.block_size, processes) * processes
+        size = self.cfg.batch_size
+        start = (step * per_step + micro) * size
+        return [self._order(p // self.n)[p % self.n] for p in range(start, start + size)]
+

@@ -1,0 +1,98 @@
+"""The model being fine-tuned: a GPT (possibly with LoRA layers) plus an optional classification head, and
+which of its parameters train under each method."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptlab import lora
+from gptlab.config import ConfigError
+from gptlab.finetune.config import FinetuneConfig
+from gptlab.model import GPT, IGNORE_INDEX, linear_cross_entropy
+
+
+class FinetuneModel(nn.Module):
+    """A GPT (possibly with LoRA layers) plus an optional classification head.
+
+    With `partial_state`, state_dict() holds only the parameters that train: the base weights come from
+    the base checkpoint, so adapter checkpoints stay small and load_state_dict expects just those keys.
+    """
+
+    def __init__(self, gpt: GPT, num_labels: int = 0, partial_state: bool = False) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.config = gpt.config
+        self.partial_state = partial_state
+        self.head = nn.Linear(gpt.config.n_embd, num_labels) if num_labels else None
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02)  # GPT's initialisation: small logits at the start
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.gpt(idx, targets)
+
+    def classify(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Label logits (B, labels) from the hidden state of each row's last real token."""
+        return self.classify_and_lm_loss(idx, last, with_lm_loss=False)[0]
+
+    def classify_and_lm_loss(self, idx: torch.Tensor, last: torch.Tensor, with_lm_loss: bool = True,
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Label logits and, from the same forward pass, the next-token loss on each row's real tokens
+        (GPT-1's auxiliary objective: the text's own language modelling keeps the features general)."""
+        hidden = self.gpt.hidden_states(idx)
+        logits = self.head(hidden[torch.arange(idx.size(0), device=idx.device), last])
+        if not with_lm_loss:
+            return logits, None
+        # position j predicts token j + 1, which is real only while j < last (padding follows it)
+        positions = torch.arange(idx.size(1) - 1, device=idx.device)
+        targets = idx[:, 1:].masked_fill(positions >= last[:, None], IGNORE_INDEX)
+        return logits, linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.gpt.lm_head.weight, targets.flatten())
+
+    def trainable_names(self, prefix: str = "") -> set[str]:
+        return {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        if self.partial_state:
+            keep = self.trainable_names(prefix)
+            state = type(state)((k, v) for k, v in state.items() if k in keep)
+        if destination is None:
+            return state
+        destination.update(state)
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.partial_state:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        expected = self.trainable_names()
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n"
+                               f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool) -> FinetuneModel:
+    """Wrap `gpt` for the task and set what trains according to the method."""
+    model = FinetuneModel(gpt, len(labels) if cfg.task == "classify" else 0, partial_state)
+    if cfg.method == "lora":
+        lora.apply_lora(gpt, cfg.lora_config())
+    elif cfg.method == "freeze":
+        blocks = gpt.transformer.h
+        if cfg.train_layers > len(blocks):
+            raise ConfigError(f"train_layers is {cfg.train_layers} but the model has {len(blocks)} blocks")
+        gpt.requires_grad_(False)
+        for block in blocks[len(blocks) - cfg.train_layers:]:
+            block.requires_grad_(True)
+        gpt.transformer.ln_f.requires_grad_(True)
+    if model.head is not None:
+        model.head.requires_grad_(True)
+    return model
+
+
+def fingerprint(model: nn.Module) -> float:
+    """A cheap checksum of the weights: tells whether a base checkpoint changed since an adapter was trained."""
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() for p in model.parameters()))

@@ -1,0 +1,68 @@
+"""`gptlab finetune`: load the base model, set up the method, build the task, run the shared training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab import evaluate, loading, lora, prompts
+from gptlab.config import ConfigError, TrainConfig
+from gptlab.data import DataError
+from gptlab.device import select_device
+from gptlab.finetune.config import FinetuneConfig
+from gptlab.finetune.data import load_classify, load_sft
+from gptlab.finetune.model import fingerprint, prepare_model
+from gptlab.finetune.tasks import classify_task, sft_task
+from gptlab.model import GPT
+from gptlab.train import fit, resolve
+
+
+def _split_path(data: str, split: str) -> Path:
+    path = Path(data) / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"no {split}.jsonl in {data} (build one with `gptlab data build NAME`, or write "
+                        f"train.jsonl and val.jsonl yourself)")
+    return path
+
+
+def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`gptlab finetune`: load the base model, set up the method, build the task, run the shared loop."""
+    if not cfg.init:
+        raise ConfigError("finetune needs --init: the pretrained checkpoint (or HF GPT-2 directory) to adapt")
+    train_path, val_path = _split_path(cfg.data, "train"), _split_path(cfg.data, "val")
+    if ft.task == "sft":
+        evaluate.require_metric_packages()
+    device = select_device(cfg.device)
+    cfg = resolve(cfg, device, log)
+    init = loading.load(cfg.init)
+    gpt, tokenizer = init.gpt(), init.tokenizer
+    block = gpt.config.block_size
+    torch.manual_seed(cfg.seed)  # the same head / LoRA / from-scratch initialisation on resume
+    base = None
+    if ft.from_scratch:
+        gpt = GPT(gpt.config)
+    else:
+        base = {"path": str(Path(cfg.init).resolve()), "fingerprint": fingerprint(gpt)}
+    labels, style = None, prompts.get(ft.prompt_style)
+    if ft.task == "sft":
+        train, val = (load_sft(path, tokenizer, block, style, log) for path in (train_path, val_path))
+    else:
+        train, labels = load_classify(train_path, tokenizer, block, log=log)
+        val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
+    model = prepare_model(gpt, ft, labels, partial_state=base is not None)
+    trainable, total = lora.count_parameters(model)
+    log(f"{ft.task} / {ft.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%); "
+        f"device {device}, {cfg.precision}")
+    val = val[: ft.eval_items] if ft.eval_items else val
+    if ft.task == "sft":
+        task = sft_task(train, val, tokenizer, style, cfg, block, ft.max_new_tokens)
+    else:
+        task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
+    task.extra_state = {"tokenizer": tokenizer.to_dict(),
+                        "finetune": {"config": ft.to_dict(), "base": base, "labels": labels},
+                        **({"prompt_style": style.name} if ft.task == "sft" else {})}
+    return fit(model, cfg, task, device, log)
+

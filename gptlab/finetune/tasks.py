@@ -1,0 +1,153 @@
+"""The fine-tuning tasks on the shared training loop (train.Task), and how a model is scored on them: the
+metrics logged at every evaluation and `gptlab eval-task`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab import evaluate, loading
+from gptlab.config import TrainConfig
+from gptlab.device import autocast, resolve_precision, select_device
+from gptlab.finetune.data import (
+    ClassifyExample,
+    EpochSampler,
+    SFTExample,
+    classify_batch,
+    in_batches,
+    load_classify,
+    load_sft,
+    sft_batch,
+)
+from gptlab.finetune.model import FinetuneModel
+from gptlab.generate import complete
+from gptlab.model import IGNORE_INDEX
+from gptlab.prompts import PromptStyle
+from gptlab.sampling import SamplingConfig
+from gptlab.tokenizer import Tokenizer
+from gptlab.train import Task
+
+
+def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenizer, style: PromptStyle,
+             cfg: TrainConfig, block_size: int, max_new_tokens: int) -> Task:
+    sampler = EpochSampler(len(train), cfg, block_size)
+    pad = tokenizer.eot_id
+
+    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sft_batch([train[i] for i in sampler.indices(step, micro)], pad)
+
+    def evaluate_sft(model: FinetuneModel) -> dict[str, float]:
+        return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision),
+                **generation_scores(model, val, tokenizer, style, max_new_tokens, cfg.batch_size)}
+
+    return Task(sample_batch=sample_batch, evaluate=evaluate_sft,
+                metric_names=("val_loss", *evaluate.GENERATION_METRICS))
+
+
+def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], tokenizer: Tokenizer,
+                  cfg: TrainConfig, block_size: int, lm_weight: float = 0.0) -> Task:
+    sampler = EpochSampler(len(train), cfg, block_size)
+    pad = tokenizer.eot_id
+
+    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return classify_batch([train[i] for i in sampler.indices(step, micro)], pad)
+
+    def loss(model: FinetuneModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, last, labels = batch
+        logits, lm_loss = model.classify_and_lm_loss(x, last, with_lm_loss=lm_weight > 0)
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss if lm_loss is None else loss + lm_weight * lm_loss
+
+    def evaluate_classifier(model: FinetuneModel) -> dict[str, float]:
+        scores = classification_scores(model, val, pad, cfg.batch_size, cfg.precision)
+        return {"val_loss": scores.pop("loss"), **scores}
+
+    return Task(sample_batch=sample_batch, evaluate=evaluate_classifier, loss=loss,
+                metric_names=("val_loss", *evaluate.CLASSIFICATION_METRICS))
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def response_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int,
+                  precision: str = "fp32") -> float:
+    """Mean cross-entropy per response token (the quantity SFT minimises)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nats, tokens = 0.0, 0
+    for chunk in in_batches(examples, batch_size):
+        x, y = (t.to(device) for t in sft_batch(chunk, pad_id))
+        with autocast(device, precision):
+            logits = model(x)[0]
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum").item()
+        tokens += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return nats / max(1, tokens)
+
+
+def generation_scores(model: FinetuneModel, examples: list[SFTExample], tokenizer: Tokenizer, style: PromptStyle,
+                      max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    """Greedy replies to each example's prompt (KV-cached, continuously batched), scored against the
+    reference reply. A reply gets what the context leaves after its prompt, at most max_new_tokens."""
+    was_training = model.training
+    block = model.config.block_size
+    configs = [SamplingConfig(max_new_tokens=min(max_new_tokens, block - len(e.prompt)), temperature=0,
+                              stop=list(style.stop)) if len(e.prompt) < block else None for e in examples]
+    answerable = [i for i, c in enumerate(configs) if c is not None]  # a prompt that fills the context gets ""
+    replies = [""] * len(examples)
+    completions = complete(model.gpt, tokenizer, [examples[i].prompt for i in answerable],
+                           [configs[i] for i in answerable], max_batch=batch_size)
+    for i, completion in zip(answerable, completions, strict=True):
+        replies[i] = completion.text
+    model.train(was_training)
+    return evaluate.generation_metrics(replies, [e.reference for e in examples])
+
+
+def classification_scores(model: FinetuneModel, examples: list[ClassifyExample], pad_id: int, batch_size: int,
+                          precision: str = "fp32") -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy of a classifier."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions, references, loss_sum = [], [], 0.0
+    for x, last, labels in (classify_batch(chunk, pad_id) for chunk in in_batches(examples, batch_size)):
+        with autocast(device, precision):
+            logits = model.classify(x.to(device), last.to(device)).float()
+        loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
+        predictions += logits.argmax(-1).tolist()
+        references += labels.tolist()
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, len(references)), "accuracy": evaluate.accuracy(predictions, references),
+            "macro_f1": evaluate.macro_f1(predictions, references)}
+
+
+def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,
+              batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print) -> dict[str, Any]:
+    """`gptlab eval-task`: a checkpoint's task metrics on a JSONL file.
+
+    A classifier checkpoint is scored on {"text","label"} records; any language model (fine-tuned or not,
+    gptlab or HF GPT-2) on instruction or chat records, greedy-decoded in the checkpoint's prompt style.
+    """
+    loaded = loading.load(ckpt)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    device = select_device(device)
+    model.to(device)
+    precision, why = resolve_precision(precision, device)
+    log(f"precision: {precision} ({why})")
+    block, pad = model.config.block_size, tokenizer.eot_id
+    if loaded.task == "classify":
+        examples, _ = load_classify(data, tokenizer, block, loaded.finetune["labels"], log)
+        examples = examples[:max_items] if max_items else examples
+        scores = classification_scores(model, examples, pad, batch_size, precision)
+    else:
+        evaluate.require_metric_packages()
+        examples = load_sft(data, tokenizer, block, loaded.prompt_style, log)
+        examples = examples[:max_items] if max_items else examples
+        scores = {"loss": response_loss(model, examples, pad, batch_size, precision),
+                  **generation_scores(model, examples, tokenizer, loaded.prompt_style, max_new_tokens, batch_size)}
+    return {"items": len(examples), **scores}

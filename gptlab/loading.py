@@ -1,0 +1,75 @@
+"""Loading a model: the one `load(path)` behind every command and `gptlab.load`.
+
+A path is one of
+  a Hugging Face GPT-2 directory (config.json + weights, no gptlab checkpoint)   read by gptlab.hf
+  a run directory or checkpoint file                                    the GPT it holds
+  a `gptlab finetune` run or checkpoint (payload["finetune"])           rebuilt on its base model: LoRA and
+                                                                        freeze runs store only what trained
+and comes back with its tokenizer and the prompt style it was fine-tuned with (gptlab.prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptlab import checkpoint, hf, lora, prompts
+from gptlab.checkpoint import CheckpointError
+from gptlab.config import GPTConfig
+from gptlab.finetune.config import FinetuneConfig
+from gptlab.finetune.model import FinetuneModel, fingerprint, prepare_model
+from gptlab.model import GPT
+from gptlab.prompts import PromptStyle
+from gptlab.tokenizer import Tokenizer
+
+
+@dataclass
+class Loaded:
+    model: FinetuneModel  # the GPT, with the LoRA layers or classification head of a fine-tuning run
+    tokenizer: Tokenizer
+    prompt_style: PromptStyle
+    finetune: dict[str, Any] | None = None  # a fine-tuning run's record: {"config", "base", "labels"}
+
+    @property
+    def task(self) -> str:
+        """The task: `classify` for a classifier, `sft` for every language model, fine-tuned or not."""
+        return self.finetune["config"]["task"] if self.finetune else "sft"
+
+    def gpt(self) -> GPT:
+        """The plain language model with any LoRA update merged in: what generation, serving, conversion and
+        `--init` work on."""
+        if self.task != "sft":
+            raise CheckpointError("this is a classifier checkpoint: score it with `gptlab eval-task`")
+        if lora.lora_layers(self.model.gpt):
+            lora.merge_lora(self.model.gpt)
+        return self.model.gpt.requires_grad_(True)
+
+
+def load(path: str | Path) -> Loaded:
+    if hf.is_hf_dir(path):
+        gpt, tokenizer = hf.load_hf(path)
+        return Loaded(FinetuneModel(gpt), tokenizer, prompts.get(prompts.DEFAULT_STYLE))
+    return from_payload(checkpoint.load(path))
+
+
+def from_payload(payload: dict[str, Any]) -> Loaded:
+    """A checkpoint already read with checkpoint.load."""
+    tokenizer, style = Tokenizer.from_dict(payload["tokenizer"]), prompts.style_of(payload)
+    config = GPTConfig.from_dict(payload["model_config"])
+    info = payload.get("finetune")
+    if info is None:
+        model = FinetuneModel(GPT(config))
+        checkpoint.load_weights(model.gpt, payload["model"])
+        return Loaded(model, tokenizer, style)
+    base = info["base"]
+    if base is None:  # --from-scratch runs and merged classifiers hold every weight
+        gpt = GPT(config)
+    else:
+        gpt = load(base["path"]).gpt()
+        if gpt.config != config or not math.isclose(fingerprint(gpt), base["fingerprint"], rel_tol=1e-9):
+            raise CheckpointError(f"the base model {base['path']} changed since this adapter was trained on it")
+    model = prepare_model(gpt, FinetuneConfig(**info["config"]), info["labels"], partial_state=base is not None)
+    checkpoint.load_weights(model, payload["model"])
+    return Loaded(model, tokenizer, style, info)

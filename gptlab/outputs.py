@@ -1,0 +1,42 @@
+"""Writing outputs: never over something that exists, never half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+
+class OutputExistsError(GptlabError):
+    """The output path of a command already holds something."""
+
+
+def check_new_output(out: str | Path) -> Path:
+    """`out` may be written: it does not exist, or is an empty directory. Checked before the work starts."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} already exists{' and is not empty' if out.is_dir() else ''}: "
+                                "remove it or choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `out` to write into; renamed to `out` when the block succeeds, removed
+    if it fails, so no reader sees a half-written directory. `out` may exist only as an empty directory."""
+    out = check_new_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
