@@ -71,4 +71,5 @@ def test_default_run_follows_the_machine_class_and_flags_win(monkeypatch, native
     assert (cfg.preset, cfg.max_steps, cfg.batch_size, cfg.warmup_steps, cfg.lr) == (
         run["preset"], run["max_steps"], run["batch_size"], run["warmup_steps"], 5e-3)
     assert lines[-1] == (f"default run for a {machine} machine: preset {run['preset']}, max_steps {run['max_steps']}, "
-                         f"batch_size {run['batch_size']}, warmup_steps {run['warmup_steps']}")
+                         f"batch_size {run['batch_size']}, warmup_steps {run['warmup_steps']}, "
+                         f"eval_interval {run['eval_interval']}")
