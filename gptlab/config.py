@@ -172,11 +172,14 @@ class TrainConfig:
         for preset in [self.preset] if self.preset else {run["preset"] for run in DEFAULT_RUNS.values()}:
             GPTConfig.from_preset(preset, **self.model)  # validates preset and overrides early
 
+    def default_run_fields(self) -> list[str]:
+        """The fields the default run fills: those left at None, but the preset with --init (the model comes
+        from that checkpoint)."""
+        return [name for name in DEFAULT_RUN_FIELDS if getattr(self, name) is None and not (name == "preset" and self.init)]
+
     def with_default_run(self, machine: str) -> TrainConfig:
-        """This config with the fields left at None taken from DEFAULT_RUNS[machine]."""
-        run = DEFAULT_RUNS[machine]
-        return dataclasses.replace(self, **{k: v for k, v in run.items()
-                                            if getattr(self, k) is None and not (k == "preset" and self.init)})
+        """This config with default_run_fields() taken from DEFAULT_RUNS[machine]."""
+        return dataclasses.replace(self, **{name: DEFAULT_RUNS[machine][name] for name in self.default_run_fields()})
 
     def model_config(self) -> GPTConfig:
         if self.preset is None:

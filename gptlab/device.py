@@ -39,8 +39,8 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty where it lists none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -59,7 +59,7 @@ def cpu_capability() -> str:
 def cpu_has_native_bf16() -> bool:
     """True where this CPU multiplies bf16 in hardware and PyTorch uses it: x86 with AVX512_BF16 or AMX
     (and PyTorch's kernels not lowered below AVX-512 by ATEN_CPU_CAPABILITY), aarch64 with BF16."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "bf16" in flags
     return cpu_capability().startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & flags)

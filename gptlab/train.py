@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab import checkpoint, distributed, loading
-from gptlab.config import DEFAULT_RUN_FIELDS, ConfigError, TrainConfig
+from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
@@ -289,8 +289,7 @@ def resolve(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) 
     precision, why = resolve_precision(cfg.precision, device)
     log(f"precision: {precision} ({why})")
     cfg = dataclasses.replace(cfg, precision=precision)
-    # with --init the model comes from that checkpoint: no preset applies
-    unset = [name for name in DEFAULT_RUN_FIELDS if getattr(cfg, name) is None and not (name == "preset" and cfg.init)]
+    unset = cfg.default_run_fields()
     if not unset:
         return cfg
     machine = "fp32" if precision == "fp32" else "native-bf16"

@@ -25,7 +25,7 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_EN
 ])
 def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, capability, flags, expected):
     monkeypatch.setattr(device, "cpu_capability", lambda: capability)
-    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
     precision, why = device.resolve_precision("auto", CPU)
     assert precision == expected

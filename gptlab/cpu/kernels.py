@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from gptlab import device
+
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
 
 # variant -> (CPU flags it needs as /proc/cpuinfo names them, compiler flags); the capability defines
@@ -48,29 +50,17 @@ VARIANTS = {
 
 def _capability_variant() -> str | None:
     """The variant of the capability PyTorch runs its own kernels at (honours ATEN_CPU_CAPABILITY)."""
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = device.cpu_capability()
     return "avx512" if capability.startswith("AVX512") else "avx2" if capability == "AVX2" else None
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags (Linux), or None where /proc/cpuinfo does not list them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
 
 
 def missing_features(variant: str) -> list[str]:
     """The CPU features `variant` needs that this CPU lacks (empty: it can run here)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return [f"x86-64 (this is {platform.machine()})"]
-    flags = _cpu_flags()
+    flags = device.cpu_flags()
     needed = VARIANTS[variant][0]
-    if flags is None:  # no flag list: trust PyTorch's detection (an AVX-512 CPU also runs AVX2)
+    if not flags:  # no flag list: trust PyTorch's detection (an AVX-512 CPU also runs AVX2)
         best = _capability_variant()
         return [] if best == variant or best == "avx512" else list(needed)
     return [flag for flag in needed if flag not in flags]
@@ -127,4 +117,4 @@ def active_variant() -> str | None:
 def describe() -> dict[str, str]:
     """The CPU capability PyTorch runs at and the kernel variant in use ("none": PyTorch's kernels),
     for benchmark records."""
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel": active_variant() or "none"}
+    return {"cpu_capability": device.cpu_capability(), "kernel": active_variant() or "none"}
