@@ -1,0 +1,49 @@
+"""What every sub-command module shares: the one-line argument errors and config-dataclass flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
+        self.exit(2, f"gptlab: error: {message}\n")
+
+
+def fail(message: str) -> typing.NoReturn:
+    print(f"gptlab: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_class: type, defaults: dict | None = None
+) -> None:
+    """One flag per config dataclass field (so the YAML keys and the flags can never drift apart)."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name == "model":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = (defaults or {}).get(field.name, field.default)
+        if default is None and field.name in DEFAULT_RUN_FIELDS:
+            default = "the default run's: " + ", ".join(
+                f"{run[field.name]} ({machine})" for machine, run in DEFAULT_RUNS.items()
+            )
+        if hints[field.name] is bool:
+            parser.add_argument(flag, action="store_true", default=None)
+            continue
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), help=f"default: {default}")
+            continue
+        base = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))  # X | None -> X
+        parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {default}")
+
+
+def config_flags(args: argparse.Namespace, config_class: type) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if f.name != "model"}

@@ -1,0 +1,193 @@
+"""Sub-commands that use models: generate, serve, chat, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gptlab.cli.common import fail
+from gptlab.sampling import SamplingConfig
+
+SAMPLING_FLAGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "stop_token_ids",
+    "seed",
+    "ignore_eos",
+)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from gptlab.generate import LanguageModel
+
+    if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
+        fail("--stream takes a single --prompt and no --num-beams")
+    sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    SamplingConfig(**sampling)  # bad values fail before the model loads
+    lm = LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
+    if args.stream:
+        print(args.prompt[0], end="", flush=True)
+        for piece in lm.stream(args.prompt[0], **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return
+    outputs = lm.generate(
+        args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
+    )
+    print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
+
+
+def _load_for_serving(args: argparse.Namespace):
+    import torch
+
+    from gptlab.generate import LanguageModel
+
+    if args.threads is not None:
+        if args.threads < 1:
+            fail(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from gptlab.serve import ServeConfig, listen, serve
+    except ImportError as err:
+        fail(f"serving needs the serve extra ({err.name} is missing): pip install 'gptlab[serve]'")
+    path = Path(args.ckpt).resolve()
+    name = args.model_name or (path.parent.name if path.is_file() else path.name)
+    cfg = ServeConfig(
+        model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue
+    )
+    with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
+        serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gptlab import chat
+
+    chat.main(
+        _load_for_serving(args),
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from gptlab import checkpoint, hf, loading
+    from gptlab.outputs import check_new_output
+
+    out = check_new_output(args.out)
+    if args.from_hf:
+        model, tokenizer = hf.load_hf(args.from_hf)
+        checkpoint.save(
+            out,
+            {
+                "model": model.state_dict(),
+                "model_config": model.config.to_dict(),
+                "tokenizer": tokenizer.to_dict(),
+                "step": 0,
+            },
+        )
+    else:
+        loaded = loading.load(args.to_hf)
+        model, tokenizer = loaded.gpt(), loaded.tokenizer
+        hf.save_hf(model, tokenizer, out)
+    print(json.dumps({"out": str(out), "params": model.num_params()}))
+
+
+def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
+    p.add_argument(
+        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+    )
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p * p(most likely), in [0, 1]")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=SamplingConfig.repetition_penalty,
+        help="> 1 discourages repeats (prompt too)",
+    )
+    p.add_argument(
+        "--presence-penalty", type=float, default=SamplingConfig.presence_penalty, help="in [-2, 2]"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=SamplingConfig.frequency_penalty, help="in [-2, 2]"
+    )
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="stop token id (repeatable); <|endoftext|> stops unless --ignore-eos",
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search instead of sampling")
+    p.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs"
+    )
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /"
+    )
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off"
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
+    p.add_argument(
+        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+    )
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="HF_DIR")
+    source.add_argument("--to-hf", metavar="CKPT")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)

@@ -1,0 +1,240 @@
+"""Sub-commands that make models: prepare, tokenizer, train, plot, finetune, eval-task, LoRA artifacts, data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+
+from gptlab.cli.common import add_config_flags, config_flags, fail
+from gptlab.config import TrainConfig
+from gptlab.datasets import SOURCES
+from gptlab.device import PRECISIONS
+
+MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of training settings (flags override it)")
+    add_config_flags(parser, TrainConfig)
+    for name, kind in MODEL_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help="model override")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    flags = config_flags(args, TrainConfig)
+    model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    if model:
+        flags["model"] = model
+    return TrainConfig.from_sources(args.config, **flags)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from gptlab.data import prepare
+    from gptlab.train import DEFAULT_TOKENIZER
+
+    out = args.out or ("data/shakespeare" if not args.input else "data/custom")
+    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8)
+    print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _run_training(cfg: TrainConfig, args: argparse.Namespace, run: typing.Callable[[], dict]) -> dict | None:
+    """Start or resume a run (never over an existing checkpoint without --resume), as torchrun's launcher
+    when --nproc > 1; returns the result on rank 0 only (one summary line per run, not per process)."""
+    from gptlab import checkpoint, distributed
+    from gptlab.metrics import require_tensorboard
+
+    if not cfg.resume and checkpoint.find(cfg.out):
+        fail(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        fail(f"--nproc must be at least 1, got {nproc}")
+    if cfg.logger == "tensorboard":
+        require_tensorboard()  # before any process starts
+    if nproc > 1 and distributed.local_rank() is None:  # not yet under torchrun: become its launcher
+        raise SystemExit(distributed.launch(nproc, _without_nproc(args.argv)))
+    try:
+        result = run()
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the last checkpoint in {cfg.out} is intact; continue with --resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    return result if os.environ.get("RANK", "0") == "0" else None
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gptlab.train import pretrain
+
+    cfg = _train_config(args)
+    result = _run_training(cfg, args, lambda: pretrain(cfg))
+    if result is not None:
+        print(
+            json.dumps(
+                {k: result.get(k) for k in ("step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint")}
+            )
+        )
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from gptlab.metrics import plot
+
+    print(json.dumps({"out": str(plot(args.run))}))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from gptlab.finetune.config import FinetuneConfig, configs_from_sources
+    from gptlab.finetune.run import finetune
+
+    cfg, ft = configs_from_sources(
+        args.config, config_flags(args, TrainConfig), config_flags(args, FinetuneConfig)
+    )
+    result = _run_training(cfg, args, lambda: finetune(cfg, ft))
+    if result is not None:
+        print(json.dumps(result))
+
+
+def cmd_eval_task(args: argparse.Namespace) -> None:
+    from gptlab.finetune.tasks import eval_task
+
+    print(
+        json.dumps(
+            eval_task(
+                args.ckpt,
+                args.data,
+                max_items=args.max_items,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                device=args.device,
+                precision=args.precision,
+            )
+        )
+    )
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    from gptlab.finetune.artifacts import merge_checkpoint
+
+    print(json.dumps(merge_checkpoint(args.ckpt, args.out)))
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from gptlab.finetune.artifacts import export_lora
+
+    print(json.dumps(export_lora(args.ckpt, args.out)))
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from gptlab.datasets import build
+
+    print(
+        json.dumps({"out": args.out or f"data/{args.name}", **build(args.name, args.out)}, ensure_ascii=False)
+    )
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from gptlab import tokenizer as tok
+    from gptlab.data import file_documents, list_text_files
+
+    files = list_text_files(args.input)
+    tokenizer = tok.train((d.text for d in file_documents(files)), args.vocab_size)
+    tokenizer.save(args.out)
+    print(json.dumps({"out": args.out, "vocab_size": tokenizer.vocab_size}))
+
+
+def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
+    p.add_argument("--input", nargs="+", help="text files or directories (default: bundled Shakespeare)")
+    p.add_argument(
+        "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
+    )
+    p.add_argument("--out", help="output directory (default: data/shakespeare)")
+    p.add_argument(
+        "--strict-utf8",
+        action="store_true",
+        help="refuse input with bytes that are not UTF-8 (default: replace them by U+FFFD, with a warning)",
+    )
+    p.set_defaults(func=cmd_prepare)
+
+    # no abbreviated flags: --nproc is removed from the command line handed to torchrun by exact name
+    p = sub.add_parser(
+        "train", help="pretrain a model (defaults: tiny preset on Shakespeare)", allow_abbrev=False
+    )
+    _add_train_flags(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes on this machine (launches torchrun; default: 1)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw a run's loss, learning rate and tokens/s into RUN/loss.png")
+    p.add_argument("run", metavar="RUN", help="run directory (holds metrics.csv)")
+    p.set_defaults(func=cmd_plot)
+
+    from gptlab.finetune.config import TRAIN_DEFAULTS, FinetuneConfig
+
+    p = sub.add_parser(
+        "finetune", help="adapt a pretrained model to a task (sft | classify; full | lora | freeze)"
+    )
+    p.add_argument("--config", help="YAML file of training and fine-tuning settings (flags override it)")
+    add_config_flags(p, TrainConfig, TRAIN_DEFAULTS)
+    add_config_flags(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--data", required=True, help="JSONL file ({text,label} or instruction/chat records)")
+    p.add_argument("--max-items", type=int, help="score only the first N items")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16-mixed where the device runs bf16 natively, else fp32",
+    )
+    p.set_defaults(func=cmd_eval_task)
+
+    p = sub.add_parser("merge-lora", help="a full, self-contained checkpoint from a fine-tuning run")
+    p.add_argument("--ckpt", required=True, help="a `gptlab finetune` run directory or checkpoint")
+    p.add_argument("--out", required=True, help="output checkpoint file")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("export-lora", help="OUT/base (HF GPT-2) + OUT/adapter (PEFT) from a LoRA SFT run")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_lora)
+
+    p = sub.add_parser("data", help="example fine-tuning datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=parser_class)
+    d = dsub.add_parser("build", help="write NAME's train/val/test JSONL from an installed package")
+    d.add_argument("name", choices=list(SOURCES), metavar="NAME", help=", ".join(SOURCES))
+    d.add_argument("--out", help="output directory (default: data/NAME)")
+    d.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=parser_class)
+    t = tsub.add_parser("train", help="train a byte-level BPE on text files")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
