@@ -178,7 +178,7 @@ def test_moderations_endpoint_answers_in_openai_shape(moderated):
     assert result.model == "profanity-check" and result.id.startswith("modr-")
     plain, rude = result.results
     assert plain.flagged is False and rude.flagged is True
-    assert rude.categories.model_dump() == {"offensive": True}
-    assert 0.9 < rude.category_scores.model_dump()["offensive"] <= 1.0
+    assert rude.categories.model_dump(exclude_none=True) == {"offensive": True}  # only its own categories
+    assert 0.9 < rude.category_scores.model_dump(exclude_none=True)["offensive"] <= 1.0
     with pytest.raises(openai.NotFoundError):
         moderated.moderations.create(input="hello", model="omni-moderation-latest")
