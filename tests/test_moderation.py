@@ -89,7 +89,7 @@ def test_classifier_moderator_scores_a_long_text_in_overlapping_windows(classifi
     windows = moderator.windows(ids)
     assert all(len(w) == moderator.window for w in windows)
     assert windows[0][0] == ids[0] and windows[-1][-1] == ids[-1]  # nothing left out at either end
-    for before, after in zip(windows, windows[1:]):
+    for before, after in zip(windows, windows[1:], strict=False):
         assert after[0] in before  # consecutive windows overlap: a phrase on a boundary lies whole in one
     assert moderator.windows(ids[:5]) == [ids[:5]]
     (scores,) = moderator.scores([" ".join(["the king is kind."] * 40)])
