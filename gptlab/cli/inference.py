@@ -27,7 +27,6 @@ SAMPLING_FLAGS = (
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-
     if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--stream takes a single --prompt and no --num-beams")
     if (args.draft or args.prompt_lookup) and args.num_beams > 1:
