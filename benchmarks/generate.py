@@ -112,15 +112,15 @@ def int8_perplexity_change(model: GPT, tokenizer: Tokenizer, windows: int, tmp: 
             "ppl_tokens": windows * model.config.block_size}
 
 
-def ct2_peer(peer, tmp: Path, quantization: str, threads: int):
-    """(prompts -> new token ids) of CTranslate2 decoding the transformers model `peer` greedily, converted
-    with `quantization` ("float32" or "int8")."""
+def ct2_peer(model: GPT, tokenizer: Tokenizer, tmp: Path, quantization: str, threads: int):
+    """(prompts -> new token ids) of CTranslate2 decoding `model` greedily: exported as a transformers GPT-2
+    directory with its tokenizer (`gptlab.hf.save_hf`), converted with `quantization` ("float32" or "int8")."""
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
 
     hf_dir, out = tmp / "hf", tmp / f"ct2-{quantization}"
     if not hf_dir.exists():
-        peer.save_pretrained(hf_dir)
+        hf.save_hf(model, tokenizer, hf_dir)
     TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
     vocab = json.loads((out / "vocabulary.json").read_text())
     generator = ctranslate2.Generator(str(out), device="cpu", intra_threads=threads, inter_threads=1)
@@ -163,7 +163,7 @@ def main() -> None:
         if case == "b1-int8":
             extra = int8_perplexity_change(ours_model, tokenizer, ppl_windows, tmp / case)
         if case.startswith("ct2-"):
-            run_peer = ct2_peer(peer, tmp, "int8" if int8 else "float32", args.threads)
+            run_peer = ct2_peer(ours_model, tokenizer, tmp, "int8" if int8 else "float32", args.threads)
             extra["peer"] = "ctranslate2"
         else:
             run_peer = lambda p, n: hf_generate(peer, p, n)  # noqa: E731
