@@ -8,6 +8,10 @@ Cases (CPU, 2 threads, greedy, after a warm-up run, no EOS stop):
   b8       batch 8, prompts of mixed lengths (16..32 tokens), both float32
   b1-int8  gptlab with int8 weights vs transformers float32, batch 1; also prints the perplexity of
            both gptlab models on the bundled validation text (the held-out Shakespeare plays)
+  ct2-b1, ct2-b8, ct2-b1-int8, ct2-b8-int8
+           the peer is CTranslate2 (the same model converted in-process by its TransformersConverter;
+           int8: gptlab's weight-only int8 vs CTranslate2's int8), 2 intra-op threads; float32 cases
+           check that the tokens are identical
 Each case prints one JSON line, with the CPU capability PyTorch runs at and gptlab's kernel variant
 (GPTLAB_KERNEL=avx2|avx512|none picks one; ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run as an
 AVX2 one); `floor_ms_per_step` is the memory-bandwidth floor of a decode step
@@ -108,11 +112,31 @@ def int8_perplexity_change(model: GPT, tokenizer: Tokenizer, windows: int, tmp: 
             "ppl_tokens": windows * model.config.block_size}
 
 
+def ct2_peer(model: GPT, tokenizer: Tokenizer, tmp: Path, quantization: str, threads: int):
+    """(prompts -> new token ids) of CTranslate2 decoding `model` greedily: exported as a transformers GPT-2
+    directory with its tokenizer (`gptlab.hf.save_hf`), converted with `quantization` ("float32" or "int8")."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    hf_dir, out = tmp / "hf", tmp / f"ct2-{quantization}"
+    if not hf_dir.exists():
+        hf.save_hf(model, tokenizer, hf_dir)
+    TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    generator = ctranslate2.Generator(str(out), device="cpu", intra_threads=threads, inter_threads=1)
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        results = generator.generate_batch([[vocab[i] for i in p] for p in prompts], max_length=new_tokens,
+                                           min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False)
+        return [r.sequences_ids[0] for r in results]
+    return generate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 timed run of 32 new tokens per case")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", default="b1,b8,b1-int8")
+    parser.add_argument("--cases", default="b1,b8,b1-int8", help="also: ct2-b1,ct2-b8,ct2-b1-int8,ct2-b8-int8")
     parser.add_argument("--ckpt", help="a trained gptlab checkpoint: also report its int8 perplexity change")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,16 +155,23 @@ def main() -> None:
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
     for case in args.cases.split(","):
-        lengths = B8_LENGTHS if case == "b8" else [32]
+        lengths = B8_LENGTHS if "b8" in case else [32]
         prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in lengths]
-        model, extra = ours_model, {}
-        if case == "b1-int8":
+        model, extra, int8 = ours_model, {}, case.endswith("int8")
+        if int8:
             model = prepare_inference(copy.deepcopy(ours_model), quantize="int8")
+        if case == "b1-int8":
             extra = int8_perplexity_change(ours_model, tokenizer, ppl_windows, tmp / case)
+        if case.startswith("ct2-"):
+            run_peer = ct2_peer(ours_model, tokenizer, tmp, "int8" if int8 else "float32", args.threads)
+            extra["peer"] = "ctranslate2"
+        else:
+            run_peer = lambda p, n: hf_generate(peer, p, n)  # noqa: E731
+            extra["peer"] = "transformers"
         lm = LanguageModel(model, tokenizer, max_batch=len(prompts))
         ours_s, peer_s, ours_out, peer_out = timed_pair(lambda lm=lm, p=prompts: lm.complete(p, cfg),
-                                                        lambda p=prompts: hf_generate(peer, p, new_tokens), repeats)
-        if case != "b1-int8":
+                                                        lambda p=prompts, f=run_peer: f(p, new_tokens), repeats)
+        if not int8 or case.startswith("ct2-"):
             extra["identical"] = [c.token_ids for c in ours_out] == peer_out
         floor_s = (decode_bytes(model) + kv_bytes_per_step(model, lengths, new_tokens)) / bandwidth
         tokens = len(prompts) * new_tokens

@@ -6,6 +6,8 @@ Layers, bottom up:
 - `Decoder`: continuous batching over a preallocated `KVCache` with `max_batch` slots. `add` a
   prompt, call `step` to get one `TokenEvent` per active slot; finished slots free themselves.
   This is what a server drives.
+- speculative decoding (gptlab.speculative): with a `SpeculativeConfig` the Decoder's decode pass checks
+  a draft model's or prompt lookup's guesses, so a step may give a slot several tokens.
 - `Scheduler`: continuous batching of requests over a Decoder; `complete` and the server's engine
   both drive one.
 - `LanguageModel` (what `gptlab.load` returns): `generate`, `stream` and `complete` built on the
@@ -35,6 +37,7 @@ from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
 from gptlab.prompts import PromptStyle
 from gptlab.sampling import SamplingConfig, filter_logits
+from gptlab.speculative import Draft, SpeculativeConfig, SpecUsage, load_speculation, verify
 from gptlab.tokenizer import Tokenizer
 
 
@@ -47,6 +50,7 @@ class TokenEvent:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None  # None while running, then "stop" or "length"
+    speculation: SpecUsage | None = None  # on a speculative decoder's last event of a sequence
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] | None = None  # per generated token, from the model's distribution
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    speculation: SpecUsage | None = None  # guesses made and kept (speculative decoding only)
 
 
 class _TextReleaser:
@@ -104,6 +109,7 @@ class _Sequence:
         self.cfg = cfg
         self.stop_ids = stop_ids
         self.prefilled = False
+        self.usage = SpecUsage()  # speculative decoding's counts (target passes counted always)
         self.releaser = _TextReleaser(cfg.stop)
         self.generator: torch.Generator | None = None
         if not cfg.greedy:
@@ -147,10 +153,13 @@ class Decoder:
     each `step` produces one token for every active slot; a slot whose event has a finish_reason is
     free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context):
     there is no sliding window, a longer request is refused with ContextLengthError.
+    With `speculation`, a decode pass also checks guesses (gptlab.speculative) and `step_many` may give a
+    slot several tokens; greedy output stays the model's own, sampling keeps its distribution.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8,
-                 device: torch.device | str | None = None, max_len: int | None = None) -> None:
+                 device: torch.device | str | None = None, max_len: int | None = None,
+                 speculation: SpeculativeConfig | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         block = model.config.block_size
@@ -162,6 +171,9 @@ class Decoder:
         self.vocab_size = model.config.vocab_size
         self.cache = KVCache(model.config, max_batch, max_len, self.device, model.transformer.wte.weight.dtype)
         self._slots: list[_Sequence | None] = [None] * max_batch
+        self.speculation = speculation
+        self.proposer = speculation and speculation.proposer(model, max_batch, self.cache.max_len, self.device)
+        self.usage = SpecUsage()  # every sequence's, summed (logs)
 
     @property
     def free_slots(self) -> int:
@@ -193,19 +205,73 @@ class Decoder:
         if 0 <= slot < len(self._slots):
             self._slots[slot] = None
 
-    @torch.inference_mode()
     def step(self) -> dict[int, TokenEvent]:
-        """One token for every active slot: decode the running ones, prefill the newly added ones."""
-        events: dict[int, TokenEvent] = {}
+        """One token for every active slot (a decoder without speculation; else use `step_many`)."""
+        if self.speculation is not None:
+            raise ValueError("a speculative decoder may give a slot several tokens a step: use step_many()")
+        return dict(self.step_many())
+
+    @torch.inference_mode()
+    def step_many(self) -> list[tuple[int, TokenEvent]]:
+        """Decode the running slots, prefill the newly added ones: (slot, event) in order, one event per
+        active slot, or several with speculation; a slot's last event may have a finish_reason."""
+        events: list[tuple[int, TokenEvent]] = []
         running = [i for i, s in enumerate(self._slots) if s is not None and s.prefilled]
         if running:
-            events.update(self._decode(running))
+            k = self._num_guesses(running)
+            events += self._speculate(running, k) if k else self._decode(running).items()
         new = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilled]
         if new:
-            events.update(self._prefill(new))
-        for slot, event in events.items():
+            events += self._prefill(new).items()
+        for slot in {*running, *new}:
+            self._slots[slot].usage.target_passes += 1
+        for slot, event in events:
             if event.finish_reason is not None:
+                seq = self._slots[slot]
+                self.usage.add(seq.usage)
+                if self.speculation is not None:
+                    event.speculation = seq.usage
                 self._slots[slot] = None
+        return events
+
+    def _num_guesses(self, running: list[int]) -> int:
+        """Guesses per row this pass: the configured k, fewer where a row nears its max_new_tokens or the
+        cache's end (the pass writes k + 1 positions), none with penalties (they change within the guesses)."""
+        if self.speculation is None:
+            return 0
+        k = self.speculation.num_draft_tokens
+        for seq in (self._slots[i] for i in running):
+            if seq.cfg.penalized:
+                return 0
+            k = min(k, seq.cfg.max_new_tokens - seq.generated - 1, self.cache.max_len - len(seq.tokens))
+        return max(k, 0)
+
+    def _speculate(self, running: list[int], k: int) -> list[tuple[int, TokenEvent]]:
+        """One target pass over each row's last token and up to k guesses; the tokens it keeps become events."""
+        seqs = [self._slots[i] for i in running]
+        drafts: list[Draft] = self.proposer.propose(running, seqs, k)
+        if not any(d.tokens for d in drafts):
+            return list(self._decode(running).items())
+        n, width = running[-1] + 1, 1 + max(len(d.tokens) for d in drafts)
+        idx, starts = torch.zeros(n, width, dtype=torch.long), [0] * n  # other rows: dummies, as in _decode
+        for slot, seq, draft in zip(running, seqs, drafts, strict=True):
+            idx[slot, : 1 + len(draft.tokens)] = torch.tensor([seq.tokens[-1], *draft.tokens])
+            starts[slot] = len(seq.tokens) - 1
+        logits = self.model.forward_cached(idx.to(self.device), self.cache, slice(0, n), starts, prefill=False,
+                                           every=True).float()
+        events = []
+        for slot, seq, draft in zip(running, seqs, drafts, strict=True):
+            kept = verify(logits[slot], draft, seq.cfg, seq.generator)
+            seq.usage.drafted += len(draft.tokens)
+            seq.usage.accepted += len(kept) - 1
+            for i, token in enumerate(kept):
+                logprob, top = None, None
+                if seq.cfg.logprobs is not None:
+                    logprob, top = _logprobs(logits[slot, i], token, seq.cfg.logprobs)
+                event = self._advance(seq, token, logprob, top)
+                events.append((slot, event))
+                if event.finish_reason is not None:
+                    break
         return events
 
     def _decode(self, running: list[int]) -> dict[int, TokenEvent]:
@@ -262,6 +328,7 @@ class Decoder:
     def _advance(self, seq: _Sequence, token: int, logprob: float | None,
                  top: list[tuple[int, float]] | None) -> TokenEvent:
         seq.record(token)
+        seq.usage.tokens += 1
         if token in seq.stop_ids:
             return TokenEvent(token, seq.releaser.flush(), logprob, top, "stop")
         text, stopped = seq.releaser.push(self.tokenizer.decode_bytes([token]))
@@ -336,14 +403,14 @@ class Scheduler:
     def step(self) -> list[tuple[Any, TokenEvent]]:
         """One token for every running request; a request whose event has a finish_reason is done."""
         results = []
-        for slot, event in self.decoder.step().items():
+        for slot, event in self.decoder.step_many():
             request = self.running.pop(slot) if event.finish_reason is not None else self.running[slot]
             results.append((request, event))
         return results
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs: list[SamplingConfig],
-             max_batch: int = 8) -> list[Completion]:
+             max_batch: int = 8, speculation: SpeculativeConfig | None = None) -> list[Completion]:
     """Generate for every token prompt with its config, up to `max_batch` at a time with continuous batching:
     a finished sequence's slot goes to the next waiting prompt at once. Every prompt is checked against the
     context before any work starts."""
@@ -351,7 +418,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs
     for ids, cfg in zip(prompts, configs, strict=True):
         check_context(len(ids), cfg.max_new_tokens, block)
     longest = max(len(ids) + cfg.max_new_tokens for ids, cfg in zip(prompts, configs, strict=True))
-    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=longest))
+    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=longest,
+                                  speculation=speculation))
     results: list[Completion | None] = [None] * len(prompts)
     events: list[list[TokenEvent]] = [[] for _ in prompts]
     waiting = deque(range(len(prompts)))
@@ -368,7 +436,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs
                     finish_reason=event.finish_reason, prompt_tokens=len(prompts[i]),
                     completion_tokens=len(events[i]),
                     logprobs=[e.logprob for e in events[i]] if want_logprobs else None,
-                    top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None)
+                    top_logprobs=[e.top_logprobs for e in events[i]] if want_logprobs else None,
+                    speculation=event.speculation)
     return results
 
 
@@ -376,27 +445,44 @@ class LanguageModel:
     """A model with its tokenizer, ready to generate: what `gptlab.load(path)` returns."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
-                 max_batch: int = 8, prompt_style: PromptStyle | None = None) -> None:
+                 max_batch: int = 8, prompt_style: PromptStyle | None = None,
+                 speculation: SpeculativeConfig | None = None) -> None:
         # on CPU: the layouts of the fastest matmul kernels, the fused decode step (gptlab.cpu)
         self.model = cpu.prepare_inference(model.to(device).eval())
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.prompt_style = prompt_style or prompts.get(prompts.DEFAULT_STYLE)  # how chat messages are rendered
+        self.speculation = speculation  # every Decoder of this model speculates so (gptlab.speculative)
+        if speculation is not None and speculation.draft is not None:
+            cpu.prepare_inference(speculation.draft.to(device).eval())
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
-        """Any model `gptlab.loading` reads, ready to generate; quantize="int8" for int8 weights (CPU)."""
+    def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None,
+             draft: str | Path | None = None, num_draft_tokens: int = 4, prompt_lookup: bool = False,
+             ) -> LanguageModel:
+        """Any model `gptlab.loading` reads, ready to generate; quantize="int8" for int8 weights (CPU) (the
+        draft's too). Speculative decoding: `draft` (a path: a small model with the same tokenizer) or
+        `prompt_lookup=True`, guessing `num_draft_tokens` tokens per pass of the model."""
         if quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+        device = select_device(device)
+        if quantize == "int8" and device.type != "cpu":
+            raise ConfigError("--quantize int8 runs on CPU only")
+        speculation = None
+        if draft is not None and prompt_lookup:
+            raise ConfigError("speculative decoding takes either a draft model or prompt lookup, not both")
+        if draft is not None or prompt_lookup:
+            SpeculativeConfig(prompt_lookup=True, num_draft_tokens=num_draft_tokens)  # a bad k fails first
         loaded = loading.load(path)
         model = loaded.gpt()
-        device = select_device(device)
+        if draft is not None or prompt_lookup:
+            speculation = load_speculation(loaded.tokenizer, draft, num_draft_tokens)
         if quantize == "int8":
-            if device.type != "cpu":
-                raise ConfigError("--quantize int8 runs on CPU only")
-            cpu.prepare_inference(model, quantize="int8")
-        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style)
+            for m in (model, speculation and speculation.draft):
+                if m is not None:
+                    cpu.prepare_inference(m, quantize="int8")
+        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style, speculation=speculation)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -412,7 +498,8 @@ class LanguageModel:
                  cfg: SamplingConfig | None = None) -> list[Completion]:
         """Generate for every prompt (text or token ids), up to `max_batch` at a time."""
         encoded = self._encode(prompts)
-        return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch)
+        return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch,
+                        self.speculation)
 
     def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
                  **sampling) -> list[str]:
@@ -438,11 +525,11 @@ class LanguageModel:
         cfg = SamplingConfig(**sampling)
         (ids,) = self._encode([prompt])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
-                          min(len(ids) + cfg.max_new_tokens, self.model.config.block_size))
-        slot = decoder.add(ids, cfg)
+                          min(len(ids) + cfg.max_new_tokens, self.model.config.block_size), self.speculation)
+        decoder.add(ids, cfg)
         while True:
-            event = decoder.step()[slot]
-            if event.text:
-                yield event.text
-            if event.finish_reason is not None:
-                return
+            for _, event in decoder.step_many():
+                if event.text:
+                    yield event.text
+                if event.finish_reason is not None:
+                    return

@@ -231,15 +231,18 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],
-                       prefill: bool, last: torch.Tensor | None = None) -> torch.Tensor:
+                       prefill: bool, last: torch.Tensor | None = None, every: bool = False) -> torch.Tensor:
         """Logits (B, vocab) of one token per row, reading and extending `cache` (see KVCache).
 
         idx: (B, T) new tokens; rows: their cache rows; starts: each row's first new position;
         prefill: the rows start empty; last: (B,) index in 0..T-1 of the token whose logits are
         wanted (default: the last). Only those B positions go through the LM head, the largest matmul.
+        every: the logits (B, T, vocab) of every new token instead (speculative decoding checks them all).
         """
         positions = cache.plan(rows, starts, idx.size(1), prefill)
         x = self.hidden_states(idx, positions, cache)
+        if every:
+            return self.lm_head(x)
         x = x[:, -1] if last is None else x[torch.arange(x.size(0), device=x.device), last]
         return self.lm_head(x)
 

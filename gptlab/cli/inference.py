@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gptlab.cli.common import fail
@@ -27,35 +28,66 @@ SAMPLING_FLAGS = (
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gptlab.generate import LanguageModel
-
     if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--stream takes a single --prompt and no --num-beams")
+    if (args.draft or args.prompt_lookup) and args.num_beams > 1:
+        fail("speculative decoding (--draft, --prompt-lookup) does not combine with --num-beams")
     sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
-    SamplingConfig(**sampling)  # bad values fail before the model loads
-    lm = LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
+    cfg = SamplingConfig(**sampling)  # bad values fail before the model loads
+    lm = _load(args)
     if args.stream:
         print(args.prompt[0], end="", flush=True)
         for piece in lm.stream(args.prompt[0], **sampling):
             print(piece, end="", flush=True)
         print()
         return
-    outputs = lm.generate(
-        args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
-    )
+    if lm.speculation is not None:
+        completions = lm.complete(args.prompt, cfg)
+        outputs = [c.text for c in completions]
+        _report_speculation(lm.speculation.method, completions)
+    else:
+        outputs = lm.generate(
+            args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
+        )
     print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
+
+
+def _report_speculation(method: str, completions: list) -> None:
+    """One line on stderr: how many guesses the model kept, tokens per target pass."""
+    from gptlab.speculative import SpecUsage
+
+    total = SpecUsage()
+    for completion in completions:
+        total.add(completion.speculation)
+    print(
+        f"speculative ({method}): {total.accepted} of {total.drafted} guesses accepted "
+        f"({100 * total.acceptance_rate:.0f}%), {total.tokens_per_pass:.2f} tokens per target pass",
+        file=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace):
+    """The model of --ckpt with the speculation its flags ask for (--draft, --prompt-lookup)."""
+    from gptlab.generate import LanguageModel
+
+    return LanguageModel.load(
+        args.ckpt,
+        args.device,
+        quantize=args.quantize,
+        draft=getattr(args, "draft", None),
+        num_draft_tokens=getattr(args, "num_draft_tokens", 4),
+        prompt_lookup=getattr(args, "prompt_lookup", False),
+    )
 
 
 def _load_for_serving(args: argparse.Namespace):
     import torch
 
-    from gptlab.generate import LanguageModel
-
     if args.threads is not None:
         if args.threads < 1:
             fail(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
+    return _load(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -111,6 +143,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(json.dumps({"out": str(out), "params": model.num_params()}))
 
 
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--draft", metavar="CKPT", help="speculative decoding: a small model with the same tokenizer guesses ahead"
+    )
+    group.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="speculative decoding: guesses copied from the prompt's n-grams (copy-heavy tasks)",
+    )
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=4, metavar="K", help="tokens guessed per pass of the model"
+    )
+
+
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
@@ -153,6 +200,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     )
     p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    add_speculation_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -175,6 +223,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
                    help="refuse flagged prompts (400 content_policy_violation) and/or stop flagged output "
                    '(finish_reason "content_filter"); the moderator defaults to profanity-check')
     add_moderator_flags(p, None)
+    add_speculation_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")

@@ -20,6 +20,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import Decoder, Scheduler, TokenEvent
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.protocol import APIError, QueueFull
+from gptlab.speculative import SpecUsage
 
 log = logging.getLogger("gptlab.serve")
 
@@ -47,6 +48,7 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     steps: int = 0
+    speculation: dict | None = None  # speculative decoding: guesses made and kept, tokens per target pass
 
 
 class Engine:
@@ -155,6 +157,12 @@ class Engine:
             return
         self.stats.steps += 1
         self.stats.finished += sum(event.finish_reason is not None for _, event in results)
+        for _, event in results:
+            if event.speculation is not None:
+                usage = event.speculation
+                log.info("speculative: %d of %d guesses accepted (%.0f%%), %.2f tokens per target pass",
+                         usage.accepted, usage.drafted, 100 * usage.acceptance_rate, usage.tokens_per_pass)
+                self.stats.speculation = self.scheduler.decoder.usage.to_dict()
         self.stats.active = len(self.scheduler.running)  # up to date before any client hears it is done
         for seq, event in results:
             seq.deliver(event)
@@ -230,8 +238,10 @@ class Choice:
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: str | None = None
+    speculation: SpecUsage | None = None
 
     def add(self, event: TokenEvent) -> None:
+        self.speculation = event.speculation or self.speculation
         self.text += event.text
         self.token_ids.append(event.token_id)
         self.logprobs.append(event.logprob)

@@ -21,6 +21,7 @@ from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Choice, ClientDisconnected, Engine, Run
 from gptlab.serve.moderation import MODES, Gate
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
+from gptlab.speculative import SpecUsage
 
 
 @dataclass
@@ -55,8 +56,8 @@ class Handlers:
         self.tokenizer = lm.tokenizer
         self.block_size = lm.model.config.block_size
         self.max_token_bytes = int(self.tokenizer.token_bytes.max())
-        self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device),
-                             cfg.max_queue)
+        self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device,
+                                     speculation=lm.speculation), cfg.max_queue)
         moderator = cfg.moderator or ("profanity-check" if cfg.moderate else None)
         self.gate = Gate(moderator and Moderation(load_moderator(moderator, cfg.safe_label), cfg.moderation_threshold),
                          cfg.moderate)
@@ -133,10 +134,19 @@ class Handlers:
             raise APIError(400, str(err), code="invalid_parameter") from None
 
     # --- response pieces ---
-    def usage(self, prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+    def usage(self, prompts: list[list[int]], choices: list[Choice]) -> dict:
+        """OpenAI's token counts; with speculative decoding also `speculative`: the choices' guesses made and
+        accepted, and their tokens per target pass."""
         prompt = sum(len(ids) for ids in prompts)
         completion = sum(len(c.token_ids) for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.lm.speculation is not None:
+            total = SpecUsage()
+            for choice in choices:
+                if choice.speculation is not None:
+                    total.add(choice.speculation)
+            usage["speculative"] = {"method": self.lm.speculation.method, **total.to_dict()}
+        return usage
 
     def completion_logprobs(self, ids: list[int], logprobs: list[float | None],
                             tops: list[list[tuple[int, float]] | None], offset: int) -> dict:
