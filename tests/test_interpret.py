@@ -1,0 +1,87 @@
+"""gptlab.interpret against references: transformers' attention weights, the model's own logits, the
+completeness of integrated gradients, what activation patching must give at the last layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab import hf
+from gptlab.interpret import analysis
+from gptlab.model import GPT
+from tests.conftest import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random-init transformers GPT-2 and the same weights converted to gptlab."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+    reference = GPT2LMHeadModel(config).eval()
+    ours = GPT(hf.config_from_hf(config.to_dict()))
+    ours.load_state_dict(hf.state_from_hf(reference.state_dict()), strict=False)
+    return reference, ours.eval()
+
+
+def test_attention_weights_equal_transformers_output_attentions(hf_pair):
+    reference, ours = hf_pair
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(1)).tolist()[0]
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = torch.stack(reference(torch.tensor([ids]), output_attentions=True).attentions)[:, 0]
+    internals = analysis.run_with_internals(ours, ids)
+    assert internals.attention.shape == (3, 4, 40, 40)
+    assert (internals.attention - expected).abs().max().item() <= 1e-5
+    # the explicit path gives the fast path's logits, and leaves the model on the fast path afterwards
+    with torch.no_grad():
+        fast = ours(torch.tensor([ids]))[0][0]
+    assert (internals.logits - fast).abs().max().item() <= 1e-5
+    assert not any(block.attn.keep_weights or block.attn.weights is not None for block in ours.transformer.h)
+
+
+def test_logit_lens_last_layer_is_the_models_prediction(hf_pair):
+    _, ours = hf_pair
+    ids = list(range(5, 30))
+    internals = analysis.run_with_internals(ours, ids)
+    top, probs = analysis.logit_lens(ours, internals.residuals, k=5)
+    assert top.shape == (4, 25, 5)  # embedding + 3 layers
+    expected_probs, expected_top = internals.logits.softmax(-1).topk(5, dim=-1)
+    assert torch.equal(top[-1], expected_top)
+    assert torch.allclose(probs[-1], expected_probs, atol=1e-6)
+    assert not torch.equal(top[0], top[-1])  # the earlier layers are read, not the last one again
+
+
+def test_integrated_gradients_are_complete(hf_pair):
+    _, ours = hf_pair
+    prompt, target = [11, 402, 77, 5, 630, 18, 250], [91, 7]
+    attributions, at_input, at_baseline = analysis.integrated_gradients(ours, prompt, target, baseline_id=0)
+    assert attributions.shape == (7,)
+    difference = at_input - at_baseline
+    assert abs(difference) > 1e-3
+    assert abs(attributions.sum().item() - difference) <= 0.01 * abs(difference)
+
+
+def test_activation_patching_at_the_last_layer(hf_pair):
+    _, ours = hf_pair
+    clean, corrupt, target = [4, 8, 15, 16, 23, 42], [4, 8, 99, 16, 23, 42], [108]
+    effects, clean_lp, corrupt_lp = analysis.activation_patching(ours, clean, corrupt, target)
+    assert effects.shape == (3, 6)
+    assert clean_lp != pytest.approx(corrupt_lp, abs=1e-4)
+    # the last block's output at the last prompt position is all the first target token depends on ...
+    assert effects[-1, -1].item() == pytest.approx(clean_lp, abs=1e-4)
+    # ... and at the other positions it feeds nothing
+    assert torch.allclose(effects[-1, :-1], torch.full((5,), corrupt_lp), atol=1e-4)
+    # the positions before the corrupted token are the same in both runs: restoring them changes nothing
+    assert torch.allclose(effects[:, :2], torch.full((3, 2), corrupt_lp), atol=1e-4)
+    with pytest.raises(analysis.InspectError, match="same number of tokens"):
+        analysis.activation_patching(ours, clean, corrupt[:-1], target)
+
+
+def test_random_init_model_has_no_induction_head():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=64, n_layer=2, n_head=4))
+    scores = analysis.induction_scores(model, length=32)
+    assert scores.shape == (2, 4)
+    assert scores.max().item() < 0.1
