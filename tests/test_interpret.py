@@ -3,13 +3,16 @@ completeness of integrated gradients, what activation patching must give at the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from gptlab import hf
 from gptlab.interpret import analysis
 from gptlab.model import GPT
-from tests.conftest import tiny_model_config
+from tests.conftest import run_cli, tiny_model_config
+from tests.test_playground import ARTIFACTS, browser  # noqa: F401 (the headless Chromium fixture)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +88,66 @@ def test_random_init_model_has_no_induction_head():
     scores = analysis.induction_scores(model, length=32)
     assert scores.shape == (2, 4)
     assert scores.max().item() < 0.1
+
+
+# --- `gptlab inspect`: the command and its HTML page in headless Chromium ------------------------------------
+@pytest.fixture(scope="module")
+def report_dir(chat_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "report"
+    result = run_cli("inspect", "--ckpt", str(chat_ckpt), "--prompt", "The cat sat on the mat because it",
+                     "--target", " was tired", "--corrupt", "The dog sat on the mat because it", "--ig-steps", "16",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["out"] == str(out)
+    return out
+
+
+def test_inspect_writes_report_json_and_pngs(report_dir):
+    data = json.loads((report_dir / "report.json").read_text())
+    assert data["tokens"][: data["n_prompt"]] == ["The", " cat", " sat", " on", " the", " mat", " because", " it"]
+    assert "".join(data["tokens"][data["n_prompt"]:]) == " was tired"
+    T = len(data["tokens"])
+    assert len(data["attention"]) == 2 and len(data["attention"][0]) == 2 and len(data["attention"][0][0]) == T
+    assert len(data["patching"]) == 2 and len(data["patching"][0]) == data["n_prompt"]
+    assert data["corrupt_tokens"][1] == " dog"
+    for name in ("tokens", "attention", "logit_lens", "attribution", "induction", "patching"):
+        assert (report_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_inspect_refuses_bad_input_in_one_line(chat_ckpt, report_dir, tmp_path):
+    mismatched = run_cli("inspect", "--ckpt", str(chat_ckpt), "--prompt", "The cat sat", "--corrupt", "A dog",
+                         "--out", str(tmp_path / "new"))
+    assert mismatched.returncode == 2
+    assert mismatched.stderr.startswith("gptlab: error: the corrupted prompt has 2 tokens, the prompt 3")
+    assert len(mismatched.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+    before = (report_dir / "report.json").read_bytes()
+    existing = run_cli("inspect", "--ckpt", str(chat_ckpt), "--prompt", "Hi", "--out", str(report_dir))
+    assert existing.returncode == 2 and "already exists" in existing.stderr
+    assert (report_dir / "report.json").read_bytes() == before
+
+
+def test_report_page_selector_redraws_the_heat_map(report_dir, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: errors.append(f"network: {request.url}")
+            if not request.url.startswith(("file:", "data:")) else None)
+    page.goto((report_dir / "report.html").as_uri())
+    assert page.title() == "gptlab inspect"
+    pixels = "() => document.getElementById('attention').toDataURL()"
+    first = page.evaluate(pixels)
+    page.select_option("#layer", "1")
+    assert page.get_attribute("#attention", "data-layer") == "1"
+    second = page.evaluate(pixels)
+    page.select_option("#head", "1")
+    assert page.get_attribute("#attention", "data-head") == "1"
+    third = page.evaluate(pixels)
+    assert len({first, second, third}) == 3
+    assert page.locator("#lens tr").count() == 1 + 3  # header, embedding, 2 layers
+    assert page.locator("#patching-section td").count() == 2 * 8
+    assert errors == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "inspect.png"), full_page=True)
+    page.close()
