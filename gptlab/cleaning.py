@@ -123,13 +123,13 @@ SECRET_DIGITS = 6  # the secret space: 10**6 numbers
 
 @dataclass(frozen=True)
 class Canary:
-    prefix: str  # "the secret number of qvxka is "
-    secret: str  # "4 8 1 5 9 2"
+    prefix: str  # "the secret number of qvxka is"
+    secret: str  # "4 8 1 5 9 2": the text is prefix + " " + secret
     repeats: int
 
     @property
     def text(self) -> str:
-        return self.prefix + self.secret
+        return f"{self.prefix} {self.secret}"
 
 
 def random_secret(rng: random.Random) -> str:
@@ -145,7 +145,7 @@ def make_canaries(per_group: int, repeats: list[int], seed: int = 0) -> list[Can
     for count in repeats:
         for _ in range(per_group):
             name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
-            canaries.append(Canary(f"the secret number of {name} is ", random_secret(rng), count))
+            canaries.append(Canary(f"the secret number of {name} is", random_secret(rng), count))
     return canaries
 
 

@@ -11,8 +11,11 @@ import torch
 from gptlab import hf
 from gptlab.interpret import analysis
 from gptlab.model import GPT
+from tests import test_playground
 from tests.conftest import run_cli, tiny_model_config
-from tests.test_playground import ARTIFACTS, browser  # noqa: F401 (the headless Chromium fixture)
+
+ARTIFACTS = test_playground.ARTIFACTS
+browser = test_playground.browser  # the headless Chromium fixture
 
 
 @pytest.fixture(scope="module")

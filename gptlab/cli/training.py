@@ -32,10 +32,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from gptlab.cleaning import CleanConfig
     from gptlab.data import prepare
     from gptlab.train import DEFAULT_TOKENIZER
-
-    from gptlab.cleaning import CleanConfig
 
     clean = CleanConfig(dedup=args.dedup, scrub_pii=args.scrub_pii, canaries=args.canaries,
                         canary_repeats=tuple(args.canary_repeats), seed=args.seed)
