@@ -15,7 +15,7 @@ CANARY_MODEL = dict(block_size=64, n_layer=2, n_head=4, n_embd=64)
 
 
 @pytest.fixture(scope="module")
-def canary_run(tmp_path_factory, corpus_dir):
+def canary_run(tmp_path_factory, corpus_dir, one_torch_thread):
     """A small Shakespeare corpus with 2 canaries per repeat count, and a tiny model trained on it."""
     from gptlab.train import pretrain
 
@@ -78,7 +78,7 @@ def _synthetic_corpus(directory, planted: bool, sentences: int = 6000) -> None:
 
 
 @pytest.fixture(scope="module")
-def bias_runs(tmp_path_factory):
+def bias_runs(tmp_path_factory, one_torch_thread):
     from gptlab.data import prepare
     from gptlab.train import pretrain
 

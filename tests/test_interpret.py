@@ -156,7 +156,7 @@ def test_report_page_selector_redraws_the_heat_map(report_dir, browser):
     page.close()
 
 
-def test_model_trained_on_repeated_sequences_grows_an_induction_head(tmp_path):
+def test_model_trained_on_repeated_sequences_grows_an_induction_head(tmp_path, one_torch_thread):
     """The recipe of docs/INSPECT.md, smaller: random word sequences said twice, a 2-layer model."""
     from gptlab.data import prepare
     from gptlab.train import pretrain
