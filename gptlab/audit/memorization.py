@@ -38,8 +38,8 @@ def extraction_rates(model: GPT, data: TokenData, prefix_lengths: list[int], suf
                      windows: int = 200, seed: int = 0, max_batch: int = 32) -> list[dict]:
     """[{k, train, heldout}]: the share of windows whose suffix greedy decoding reproduces exactly."""
     longest = max(prefix_lengths) + suffix_length
-    if min(prefix_lengths) < 1 or suffix_length < 1:
-        raise AuditError("prefix lengths and the suffix length must be positive")
+    if min(prefix_lengths) < 1 or suffix_length < 1 or windows < 1:
+        raise AuditError("prefix lengths, the suffix length and the number of windows must be positive")
     if longest > model.config.block_size:
         raise AuditError(f"the longest prefix plus the suffix ({longest} tokens) exceeds the model's context "
                          f"of {model.config.block_size}")

@@ -135,6 +135,7 @@ def integrated_gradients(model: GPT, prompt: list[int], target: list[int], basel
 
     ig = LayerIntegratedGradients(forward, model.transformer.wte)
     attributions = ig.attribute(inputs, baselines=baseline, n_steps=steps, internal_batch_size=16)
+    model.zero_grad(set_to_none=True)  # the backward passes also filled the weights' gradients
     with torch.no_grad():
         at_input, at_baseline = forward(inputs).item(), forward(baseline).item()
     return attributions[0, : len(prompt)].sum(-1).detach().float().cpu(), at_input, at_baseline
