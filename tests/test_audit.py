@@ -121,3 +121,11 @@ def test_bundled_templates_load_and_bad_ones_are_refused(tmp_path):
     result = run_cli("audit", "bias", "--ckpt", str(tmp_path), "--templates", str(bad))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "needs templates with {term} and {group}" in result.stderr
+
+
+def test_memorization_audit_refuses_data_of_another_tokenizer(chat_ckpt, data_dir, tmp_path):
+    result = run_cli("audit", "memorization", "--ckpt", str(chat_ckpt), "--data", str(data_dir),
+                     "--out", str(tmp_path / "audit"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "was tokenized with another tokenizer" in result.stderr
+    assert not (tmp_path / "audit").exists()
