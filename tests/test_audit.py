@@ -28,8 +28,8 @@ def canary_run(tmp_path_factory, corpus_dir, one_torch_thread):
                      "--canaries", "2", "--canary-repeats", "1,4,16,64")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["canaries"] == 8
-    cfg = tiny_train_config(root / "data", root / "run", model=CANARY_MODEL, max_steps=250, batch_size=16,
-                            warmup_steps=20, eval_interval=250, ckpt_interval=250)
+    cfg = tiny_train_config(root / "data", root / "run", model=CANARY_MODEL, max_steps=500, batch_size=16,
+                            warmup_steps=20, eval_interval=500, ckpt_interval=500)
     pretrain(cfg, log=lambda _: None)
     return root
 
@@ -87,8 +87,8 @@ def bias_runs(tmp_path_factory, one_torch_thread):
     for name, planted in (("planted", True), ("balanced", False)):
         _synthetic_corpus(root / f"{name}-corpus", planted)
         prepare([str(root / f"{name}-corpus")], "bpe:300", root / f"{name}-data")
-        cfg = tiny_train_config(root / f"{name}-data", root / name, max_steps=150, batch_size=16,
-                                warmup_steps=10, eval_interval=150, ckpt_interval=150)
+        cfg = tiny_train_config(root / f"{name}-data", root / name, model=dict(block_size=32, n_layer=2, n_head=4, n_embd=64),
+                                max_steps=400, batch_size=16, warmup_steps=10, eval_interval=400, ckpt_interval=400)
         pretrain(cfg, log=lambda _: None)
     return root
 
@@ -103,6 +103,7 @@ def _audit(root, name: str) -> dict:
 
 def test_bias_audit_finds_the_planted_association(bias_runs):
     planted = _audit(bias_runs, "planted")
+    # 9 in 10 sentences carry the stereotyped pronoun: log(0.9 / 0.1) = 2.2 nats is what a perfect fit shows
     assert planted["ci_low"] > 0 and planted["stereotyped_share"] > 0.8
     assert (bias_runs / "planted-audit" / "bias.png").read_bytes().startswith(b"\x89PNG")
 
