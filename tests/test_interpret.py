@@ -163,7 +163,7 @@ def test_model_trained_on_repeated_sequences_grows_an_induction_head(tmp_path, o
     from tests.conftest import load_gpt, tiny_train_config
 
     corpus = analysis.repeated_sequences_corpus(tmp_path / "corpus", documents=2000, length=12, words=60)
-    prepare([str(corpus.parent)], "bpe:300", tmp_path / "data")
+    prepare([str(corpus.parent)], "bpe:512", tmp_path / "data")
     cfg = tiny_train_config(tmp_path / "data", tmp_path / "run", model=dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
                             max_steps=400, batch_size=16, warmup_steps=20, eval_interval=400, ckpt_interval=400)
     pretrain(cfg, log=lambda _: None)
