@@ -154,21 +154,3 @@ def test_report_page_selector_redraws_the_heat_map(report_dir, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "inspect.png"), full_page=True)
     page.close()
-
-
-def test_model_trained_on_repeated_sequences_grows_an_induction_head(tmp_path, one_torch_thread):
-    """The recipe of docs/INSPECT.md, smaller: random word sequences said twice, a 2-layer model."""
-    from gptlab.data import prepare
-    from gptlab.train import pretrain
-    from tests.conftest import load_gpt, tiny_train_config
-
-    corpus = analysis.repeated_sequences_corpus(tmp_path / "corpus", documents=2000, length=12, words=60)
-    prepare([str(corpus.parent)], "bpe:512", tmp_path / "data")
-    cfg = tiny_train_config(tmp_path / "data", tmp_path / "run", model=dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
-                            max_steps=400, batch_size=16, warmup_steps=20, eval_interval=400, ckpt_interval=400)
-    pretrain(cfg, log=lambda _: None)
-    model, tokenizer = load_gpt(tmp_path / "run")
-    words = [tokenizer.encode(" " + w) for w in sorted(set(corpus.read_text().split()))]
-    assert all(len(ids) == 1 for ids in words)  # each made-up word is one token
-    scores = analysis.induction_scores(model, vocab=[ids[0] for ids in words], length=12)
-    assert scores.max().item() >= 0.5
