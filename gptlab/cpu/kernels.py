@@ -97,9 +97,16 @@ def load(variant: str):
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
             print(f"gptlab: building the {variant} decoding kernels (once per machine, ~15-45 s)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
-                           is_python_module=False)
+        import fcntl
+
+        with open(build_dir / "gptlab.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # the OS releases it even when its holder is killed
+            # cpp_extension's own lock file outlives a build that was killed, and every later process
+            # would wait for it forever; under our flock no other build runs, so one found here is stale
+            (build_dir / "lock").unlink(missing_ok=True)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                               extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
+                               is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
         warnings.warn(f"gptlab: the {variant} decoding kernels could not be built, using PyTorch's ({exc})",
                       stacklevel=2)

@@ -19,7 +19,14 @@ from gptlab.errors import GptlabError
 from gptlab.generate import LanguageModel
 from gptlab.serve.engine import ClientDisconnected
 from gptlab.serve.handlers import Handlers, ServeConfig
-from gptlab.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gptlab.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModerationRequest,
+    TokenizeRequest,
+)
 
 PUBLIC_PATHS = {"/", "/health", "/docs", "/openapi.json"}  # everything else needs the key when one is set
 
@@ -107,6 +114,10 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Response:
         return await server.chat_completions(req, request)
+
+    @app.post("/v1/moderations")
+    async def moderations(req: ModerationRequest) -> dict:
+        return await server.gate.moderations(req)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:

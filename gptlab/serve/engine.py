@@ -189,6 +189,8 @@ class Run:
         try:
             while self.unfinished:
                 index, item = await self.queue.get()
+                if index >= 0 and index not in self.unfinished:  # a choice stopped early: its last events
+                    continue
                 if isinstance(item, Exception):
                     raise item
                 if item.finish_reason is not None:
@@ -206,6 +208,12 @@ class Run:
         if self.unfinished:
             self.cancel()
             self.queue.put_nowait((-1, ClientDisconnected()))
+
+    def stop(self, index: int) -> None:
+        """End choice `index` now (moderation flagged it); the other choices go on."""
+        if index in self.unfinished:
+            self.engine.cancel([self.sequences[index]])
+            self.unfinished.discard(index)
 
     def cancel(self) -> None:
         if self.unfinished:

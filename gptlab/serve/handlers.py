@@ -15,9 +15,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gptlab.config import ConfigError
 from gptlab.errors import ContextLengthError, GptlabError, check_context
 from gptlab.generate import Decoder, LanguageModel, prompt_logprobs
+from gptlab.moderation import SAFE_LABEL, Moderation, load_moderator
 from gptlab.prompts import PromptError, messages_from
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Choice, ClientDisconnected, Engine, Run
+from gptlab.serve.moderation import MODES, Gate
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
 
 
@@ -27,8 +29,14 @@ class ServeConfig:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 256  # waiting sequences before requests get 429
+    moderate: str | None = None  # screen "input", "output" or "both" (gptlab.serve.moderation)
+    moderator: str | None = None  # a named moderator or classifier checkpoint; default with moderate: profanity-check
+    moderation_threshold: float = 0.5
+    safe_label: str = SAFE_LABEL  # a classifier moderator's harmless label
 
     def __post_init__(self) -> None:
+        if self.moderate is not None and self.moderate not in MODES:
+            raise ConfigError(f"moderate must be one of {', '.join(MODES)}, got {self.moderate!r}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
         if self.max_queue < 1:
@@ -49,6 +57,9 @@ class Handlers:
         self.max_token_bytes = int(self.tokenizer.token_bytes.max())
         self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device),
                              cfg.max_queue)
+        moderator = cfg.moderator or ("profanity-check" if cfg.moderate else None)
+        self.gate = Gate(moderator and Moderation(load_moderator(moderator, cfg.safe_label), cfg.moderation_threshold),
+                         cfg.moderate)
 
     # --- validation ---
     def check_model(self, name: str | None) -> None:
@@ -159,6 +170,7 @@ class Handlers:
         configs = self.configs(req, max(max_tokens, 1), req.logprobs, [])
         n = len(configs)
         prompt_texts = [self.tokenizer.decode(ids) for ids in prompts]
+        await self.gate.check_input(prompt_texts, "prompt")
         echoes: list[dict | None] = [None] * len(prompts)  # the prompt's own logprobs (echo + logprobs)
         if req.echo and req.logprobs is not None:
             for p, ids in enumerate(prompts):
@@ -190,7 +202,7 @@ class Handlers:
                 sent = [0] * len(choices)  # tokens already sent, per choice
                 offsets = [len(prompt_texts[i // n]) for i in range(len(choices))]  # text offset of the next one
                 if run:
-                    async for i, event in run.events():
+                    async for i, event in self.gate.screen(run):
                         choices[i].add(event)
                         if event.text or event.finish_reason:  # withheld text (a possible stop string) waits
                             lp = logprobs_of(i, sent[i], offsets[i])
@@ -204,7 +216,7 @@ class Handlers:
             return self._streaming_response(stream())
 
         if run:
-            async for i, event in run.events():
+            async for i, event in self.gate.screen(run):
                 choices[i].add(event)
         out = []
         for i, c in enumerate(choices):
@@ -219,6 +231,7 @@ class Handlers:
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
         prompts = [self.chat_ids(req.messages)]
+        await self.gate.check_input([m.as_dict()["content"] for m in req.messages], "messages")
         max_new_tokens = self.budget(prompts, req.max_completion_tokens or req.max_tokens)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         configs = self.configs(req, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
@@ -237,7 +250,7 @@ class Handlers:
                     yield _sse(body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}], "chat.completion.chunk"))
                 sent = [0] * len(choices)
-                async for i, event in run.events():
+                async for i, event in self.gate.screen(run):
                     c = choices[i]
                     c.add(event)
                     if event.text or event.finish_reason:
@@ -252,7 +265,7 @@ class Handlers:
                 yield _sse("[DONE]")
             return self._streaming_response(stream())
 
-        async for i, event in run.events():
+        async for i, event in self.gate.screen(run):
             choices[i].add(event)
         out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs) if top_n is not None else None,

@@ -95,3 +95,14 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
 
+
+
+class ModerationRequest(BaseModel):  # POST /v1/moderations
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] | list[TextPart]
+    model: str | None = None
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        return [part.text if isinstance(part, TextPart) else part for part in self.input]
