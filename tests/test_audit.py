@@ -43,7 +43,11 @@ def test_canary_exposure_rises_with_repeats_and_64x_canaries_are_extracted(canar
     assert result.returncode == 0, result.stderr
     report = json.loads((canary_run / "audit" / "memorization.json").read_text())
     groups = {g["repeats"]: g for g in report["canaries_by_repeats"]}
-    assert groups[1]["mean_exposure"] < groups[16]["mean_exposure"] < groups[64]["mean_exposure"]
+    # the secret grows more likely with every repeat count; exposure rises with it until it nears its ceiling
+    # (log2 of 10^6 secrets = 19.93 bits), where 16x and 64x canaries can swap places between runs
+    perplexities = [groups[r]["mean_log_perplexity"] for r in (1, 4, 16, 64)]
+    assert perplexities == sorted(perplexities, reverse=True) and len(set(perplexities)) == 4
+    assert groups[1]["mean_exposure"] < groups[4]["mean_exposure"] < min(groups[16]["mean_exposure"], groups[64]["mean_exposure"])
     assert groups[64]["extracted"] == 1.0
     for row in report["extraction"]:
         assert row["heldout"] <= 0.02

@@ -91,6 +91,7 @@ def by_repeats(canaries: list[dict]) -> list[dict]:
     for c in canaries:
         groups.setdefault(c["repeats"], []).append(c)
     return [{"repeats": r, "canaries": len(g), "mean_exposure": round(sum(c["exposure"] for c in g) / len(g), 3),
+             "mean_log_perplexity": round(sum(c["log_perplexity"] for c in g) / len(g), 4),
              "extracted": sum(c["extracted"] for c in g) / len(g)} for r, g in sorted(groups.items())]
 
 
