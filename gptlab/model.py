@@ -96,6 +96,15 @@ class KVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention written out (what SDPA computes without dropout): (output, weights (B, H, T, T))."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return weights @ v, weights
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -107,6 +116,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # interpretability (gptlab.interpret): attend through explicit_attention and keep its weights in
+        # self.weights (B, n_head, T, T). Off by default: the fast path below never materialises them
+        self.keep_weights = False
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -114,6 +127,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)
+        elif self.keep_weights:
+            y, self.weights = explicit_attention(q, k, v)
         else:
             # SDPA picks the fastest kernel for the device (flash / memory-efficient / fused CPU)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,

@@ -56,6 +56,11 @@ def test_playground_streams_a_reply(server, browser):
     assert not page.query_selector(".msg.error")
     assert final.startswith(partial) and len(final) > len(partial)
     assert int(reply.get_attribute("data-chunks")) > 1
+    # every generated token is shaded by its probability, which hovering shows; the text stays the same
+    spans = reply.query_selector_all(".text .tok")
+    assert len(spans) > 1 and reply.query_selector(".text").text_content() == final
+    assert all(0 < float(span.get_attribute("data-p")) <= 1 for span in spans)
+    assert spans[0].get_attribute("title").startswith("p = ")
     stats = page.text_content("#stats")
     assert re.match(r"\d+ tokens in [\d.]+ s · first token after [\d.]+ s", stats), stats
 

@@ -32,12 +32,26 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from gptlab.cleaning import CleanConfig
     from gptlab.data import prepare
     from gptlab.train import DEFAULT_TOKENIZER
 
+    clean = CleanConfig(dedup=args.dedup, scrub_pii=args.scrub_pii, canaries=args.canaries,
+                        canary_repeats=tuple(args.canary_repeats), seed=args.seed)
     out = args.out or ("data/shakespeare" if not args.input else "data/custom")
-    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8)
-    print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
+    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8, clean=clean)
+    shown = {k: v for k, v in meta.items() if k not in ("source", "canaries")}
+    print(json.dumps({"out": out, **shown, **({"canaries": len(meta["canaries"])} if "canaries" in meta else {})}))
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -169,6 +183,15 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         action="store_true",
         help="refuse input with bytes that are not UTF-8 (default: replace them by U+FFFD, with a warning)",
     )
+    p.add_argument("--dedup", choices=("exact", "near"),
+                   help="remove documents that repeat an earlier one: exactly, or also nearly (MinHash LSH)")
+    p.add_argument("--scrub-pii", action="store_true",
+                   help="replace e-mails, phone numbers, IP addresses, card numbers and IBANs by <TYPE> placeholders")
+    p.add_argument("--canaries", type=int, default=0, metavar="N",
+                   help="insert N random secrets per repeat count into the training split (memorization audit)")
+    p.add_argument("--canary-repeats", type=_positive_ints, default=[1, 4, 16, 64], metavar="R,R,...",
+                   help="how often each group of canaries is inserted (default: 1,4,16,64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the canaries (default: 0)")
     p.set_defaults(func=cmd_prepare)
 
     # no abbreviated flags: --nproc is removed from the command line handed to torchrun by exact name
