@@ -16,28 +16,6 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "a neighbourhood, this truth is so well fixed in the minds of the surrounding families.\n") * 4
 
 
-@pytest.fixture(scope="module")
-def hf_gpt2(tmp_path_factory):
-    """A random-init transformers GPT-2 (64-token context) with GPT-2's tokenizer files, and its conversion to a
-    gptlab checkpoint with `gptlab convert`."""
-    import shutil
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gptlab import tokenizer as tok
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
-    root = tmp_path_factory.mktemp("ppl")
-    model.save_pretrained(root / "hf")
-    shutil.copy(tok.gpt2_files_dir() / "encoder.json", root / "hf" / "vocab.json")
-    shutil.copy(tok.gpt2_files_dir() / "vocab.bpe", root / "hf" / "merges.txt")
-    done = run_cli("convert", "--from-hf", str(root / "hf"), "--out", str(root / "converted.pt"))
-    assert done.returncode == 0, done.stderr
-    (root / "text.txt").write_text(TEXT)
-    return model, root
-
-
 def transformers_sliding_nll(model, ids: list[int], context: int, stride: int) -> float:
     """The Hugging Face perplexity guide's loop: windows of `context` tokens every `stride`, the tokens an
     earlier window scored masked with -100, summed negative log-likelihood (nats) of the rest."""
@@ -71,6 +49,7 @@ def test_perplexity_equals_transformers_sliding_window(hf_gpt2, stride):
     model, root = hf_gpt2
     from gptlab import tokenizer as tok
 
+    (root / "text.txt").write_text(TEXT)
     gpt2 = tok.load("gpt2")
     ids = [gpt2.eot_id, *gpt2.encode(TEXT)]
     assert len(ids) > 3 * 64 + 1  # several windows
