@@ -84,8 +84,9 @@ def run(ckpt: str, cfg: IclConfig, log: Callable[[str], None] = print) -> Iterat
     if task.metric in ("chrf", "bleu", "rouge_l"):
         evaluate.require_metric_packages()
     queries, pool = task.load_examples()
+    shared = pool is queries  # demonstrations come from the queries' own records: skip the query itself
     queries = queries[: cfg.limit] if cfg.limit else queries
-    smallest = min(len(q["demos"]) for q in queries) if pool is None else len(pool) - (pool is queries)
+    smallest = min(len(q["demos"]) for q in queries) if pool is None else len(pool) - shared
     if max(cfg.shots) > smallest:
         raise TaskError(f"k={max(cfg.shots)} is larger than the pool of {smallest} demonstrations of task {task.name}")
     for q in queries:
@@ -96,7 +97,7 @@ def run(ckpt: str, cfg: IclConfig, log: Callable[[str], None] = print) -> Iterat
     for k in cfg.shots:
         runs = []
         for seed in range(cfg.seeds if k else 1):  # k = 0: every seed gives the same prompts
-            scores, dropped = _evaluate(lm, task, queries, pool, k, seed, cfg)
+            scores, dropped = _evaluate(lm, task, queries, pool, k, seed, cfg, shared)
             line = {"task": task.name, "k": k, "seed": seed, **scores, "dropped_demonstrations": dropped,
                     "queries": len(queries)}
             runs.append(line)
@@ -126,9 +127,9 @@ METRIC_KEYS = ("acc", "acc_norm", "acc_calibrated")
 
 
 def _evaluate(lm: LanguageModel, task: Task, queries: list[dict], pool: list[dict] | None, k: int, seed: int,
-              cfg: IclConfig) -> tuple[dict[str, float], int]:
+              cfg: IclConfig, shared: bool = False) -> tuple[dict[str, float], int]:
     tok, block = lm.tokenizer, lm.model.config.block_size
-    demos = [draw(q["demos"] if pool is None else pool, k, seed, i, q, pool is queries) for i, q in enumerate(queries)]
+    demos = [draw(q["demos"] if pool is None else pool, k, seed, i, q, shared) for i, q in enumerate(queries)]
     if task.kind == "open":
         budget = block - cfg.max_new_tokens
         prompts = [build_prompt(task, d, q["input"], lambda t: len(tok.encode(t)) <= budget)

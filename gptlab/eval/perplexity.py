@@ -97,7 +97,7 @@ def perplexity(lm: LanguageModel, documents: list[Document], stride: int | None 
                progress: bool = True) -> list[Score]:
     """One Score per document (see the module docstring); stride defaults to the model's context."""
     context = lm.model.config.block_size
-    stride = stride or context
+    stride = context if stride is None else stride
     requests, owners = [], []
     for d, doc in enumerate(documents):
         for begin, end, first in windows(len(doc.ids), context, stride):
@@ -130,5 +130,5 @@ def run(ckpt: str, inputs: list[str], stride: int | None = None, batch_size: int
             f"{row['perplexity']:>10.3f} {row['bits_per_byte']:>7.4f}")
     result = total(scores).row
     del result["input"]
-    return {**result, "stride": stride or lm.model.config.block_size, "context": lm.model.config.block_size,
+    return {**result, "stride": lm.model.config.block_size if stride is None else stride, "context": lm.model.config.block_size,
             "inputs": len(scores)}
