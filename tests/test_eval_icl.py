@@ -104,7 +104,10 @@ def test_open_task_decodes_to_the_separator(hf_gpt2):
     ("missing", "missing field 'separator'"),
     ("too-many", "k=20 is larger than the pool of 9 demonstrations"),
 ])
-def test_bad_input_is_one_line_exit_2(hf_gpt2, capitals_task, tmp_path, case, message):
+def test_bad_input_is_one_line_exit_2(hf_gpt2, capitals_task, tmp_path, capsys, case, message):
+    """The command's error path in process (a real `gptlab eval icl` subprocess runs in the test above)."""
+    from gptlab.cli import main
+
     _, root = hf_gpt2
     task, shots = str(capitals_task), "0,1"
     if case == "unknown":
@@ -116,9 +119,11 @@ def test_bad_input_is_one_line_exit_2(hf_gpt2, capitals_task, tmp_path, case, me
         task = str(broken)
     else:
         shots = "0,20"
-    done = run_cli("eval", "icl", "--ckpt", str(root / "converted.pt"), "--task", task, "--shots", shots)
-    assert done.returncode == 2 and done.stderr.startswith("gptlab: error:") and message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "icl", "--ckpt", str(root / "converted.pt"), "--task", task, "--shots", shots])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("gptlab: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_builtin_tasks_load_and_list():

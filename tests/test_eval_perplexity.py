@@ -88,19 +88,25 @@ def test_bits_per_byte_equals_what_train_reports(data_dir, tmp_path):
     val[:whole].tofile(cut / "val_000.bin")
     np.asarray(TokenData(data_dir).shards["train"][0][:100]).tofile(cut / "train_000.bin")
     (cut / "meta.json").write_text(json.dumps({**meta, "shards": {"train": ["train_000.bin"], "val": ["val_000.bin"]}}))
-    for data, tolerance in ((cut, 1e-5), (data_dir, 2e-2)):  # the whole split: within the tail's share
-        done = run_cli("eval", "perplexity", "--ckpt", str(tmp_path / "run"), "--input", str(data), "--split", "val")
-        assert done.returncode == 0, done.stderr
-        bpb = json.loads(done.stdout.strip().splitlines()[-1])["bits_per_byte"]
-        assert bpb == pytest.approx(result["val_bpb"], rel=tolerance)
+    done = run_cli("eval", "perplexity", "--ckpt", str(tmp_path / "run"), "--input", str(cut), "--split", "val")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["bits_per_byte"] == pytest.approx(result["val_bpb"], rel=1e-5)
+    # the whole split adds the last partial window (fewer than 32 of its tokens): close, not equal
+    whole_split = perplexity.run(str(tmp_path / "run"), [str(data_dir)], log=lambda _: None)
+    assert whole_split["bits_per_byte"] == pytest.approx(result["val_bpb"], rel=5e-3)
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"caf\xe9 au lait\n", "is not UTF-8")])
-def test_bad_input_is_one_line_exit_2(hf_gpt2, tmp_path, content, message):
+def test_bad_input_is_one_line_exit_2(hf_gpt2, tmp_path, capsys, content, message):
+    """The command's own error path, in process (the subprocess round trip is covered above)."""
+    from gptlab.cli import main
+
     _, root = hf_gpt2
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
-    done = run_cli("eval", "perplexity", "--ckpt", str(root / "converted.pt"), "--input", str(bad))
-    assert done.returncode == 2
-    assert done.stderr.startswith("gptlab: error:") and message in done.stderr and "bad.txt" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "perplexity", "--ckpt", str(root / "converted.pt"), "--input", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("gptlab: error:") and message in err and "bad.txt" in err
+    assert len(err.strip().splitlines()) == 1
