@@ -137,3 +137,25 @@ def tiny_pretrained(tmp_path_factory, data_dir) -> Path:
     layout = dict(block_size=96, n_layer=2, n_head=4, n_embd=64)  # 64 wide: learns the small tasks reliably
     pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory):
+    """A random-init transformers GPT-2 (64-token context) saved with GPT-2's tokenizer files as root/hf, and its
+    conversion to a gptlab checkpoint with `gptlab convert` as root/converted.pt: (the transformers model, root)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab import tokenizer as tok
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    root = tmp_path_factory.mktemp("hf-gpt2")
+    model.save_pretrained(root / "hf")
+    shutil.copy(tok.gpt2_files_dir() / "encoder.json", root / "hf" / "vocab.json")
+    shutil.copy(tok.gpt2_files_dir() / "vocab.bpe", root / "hf" / "merges.txt")
+    done = run_cli("convert", "--from-hf", str(root / "hf"), "--out", str(root / "converted.pt"))
+    assert done.returncode == 0, done.stderr
+    return model, root

@@ -1,0 +1,85 @@
+"""`gptlab eval ...`: perplexity of any text, few-shot in-context learning, lm-evaluation-harness in process.
+(`gptlab eval-task`, the fine-tuning tasks' metrics on a JSONL file, stays with the training commands.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from gptlab.eval.perplexity import run
+
+    print(json.dumps(run(args.ckpt, args.input, args.stride, args.batch_size, args.split)))
+
+
+def cmd_icl(args: argparse.Namespace) -> None:
+    from gptlab.eval.icl import IclConfig, run
+
+    cfg = IclConfig(task=args.task, shots=args.shots, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
+                    calibrate=args.calibrate, max_new_tokens=args.max_new_tokens, out=args.out)
+    for line in run(args.ckpt, cfg):
+        print(json.dumps(line, ensure_ascii=False))
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from gptlab.eval.tasks import builtin_tasks
+
+    for name, task in builtin_tasks().items():
+        print(f"{name:<20} {task.kind:<16} {task.metric:<12} {task.description}")
+
+
+def cmd_harness(args: argparse.Namespace) -> None:
+    from gptlab.eval.harness import run
+
+    print(json.dumps(run(args.ckpt, args.tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size),
+                     default=str))
+
+
+def _shots(value: str) -> list[int]:
+    try:
+        shots = [int(k) for k in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of demonstrations, got {value!r}") from None
+    if any(k < 0 for k in shots):
+        raise argparse.ArgumentTypeError(f"numbers of demonstrations must be >= 0, got {value!r}")
+    return shots
+
+
+def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, in-context learning, lm-evaluation-harness")
+    esub = p.add_subparsers(dest="eval_command", required=True, parser_class=parser_class)
+
+    e = esub.add_parser("perplexity", help="sliding-window perplexity and bits per byte of text files")
+    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    e.add_argument("--input", nargs="+", required=True,
+                   help="UTF-8 text files, directories of them, or prepared datasets (`gptlab prepare --out`)")
+    e.add_argument("--stride", type=int, help="tokens between window starts (default: the model's context)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    e.add_argument("--split", default="val", help="the split of a prepared dataset (default: val)")
+    e.set_defaults(func=cmd_perplexity)
+
+    e = esub.add_parser("icl", help="k-shot in-context learning: a metric against the number of demonstrations")
+    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    e.add_argument("--task", required=True, help="a built-in task (`gptlab eval tasks`) or a task YAML file")
+    e.add_argument("--shots", type=_shots, default=[0, 1, 2, 4, 8], help="comma-separated k (default: 0,1,2,4,8)")
+    e.add_argument("--seeds", type=int, default=3, help="demonstration draws per k (default: 3)")
+    e.add_argument("--limit", type=int, help="score only the first N queries")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=32, help="open tasks: longest answer (default: 32)")
+    e.add_argument("--calibrate", action="store_true",
+                   help="multiple choice: also report contextual calibration (Zhao et al. 2021)")
+    e.add_argument("--out", help="directory for results.jsonl and curve.png (default: none written)")
+    e.set_defaults(func=cmd_icl)
+
+    e = esub.add_parser("tasks", help="list the built-in in-context-learning tasks")
+    e.set_defaults(func=cmd_tasks)
+
+    e = esub.add_parser("harness", help="lm-evaluation-harness tasks on a checkpoint, in process")
+    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    e.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    e.add_argument("--include-path", help="directory of task YAMLs (and their local data files)")
+    e.add_argument("--num-fewshot", type=int)
+    e.add_argument("--limit", type=int, help="documents per task")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(func=cmd_harness)
