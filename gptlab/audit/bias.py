@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.audit.scoring import continuation_logprobs
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.scoring import score
 from gptlab.tokenizer import Tokenizer
 
 LANGUAGES = ("en", "zh")
@@ -52,7 +52,8 @@ def load_templates(lang: str = "en", path: str | Path | None = None) -> dict:
 
 def sentence_scores(model: GPT, tokenizer: Tokenizer, sentences: list[str]) -> np.ndarray:
     """Each sentence's log-likelihood (nats) after <|endoftext|>."""
-    return continuation_logprobs(model, [tokenizer.eot_id], [tokenizer.encode(s) for s in sentences]).double().numpy()
+    requests = [([tokenizer.eot_id, *tokenizer.encode(s)], 1) for s in sentences]
+    return np.array([scored.total for scored in score(model, requests, batch_size=64)], dtype=np.float64)
 
 
 def bootstrap_ci(values: np.ndarray, samples: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gptlab.audit.scoring import continuation_logprobs
 from gptlab.cleaning import SECRET_DIGITS, Canary, random_secret
 from gptlab.data import TokenData
 from gptlab.errors import GptlabError, require_package
 from gptlab.generate import complete
 from gptlab.model import GPT
 from gptlab.sampling import SamplingConfig
+from gptlab.scoring import score
 from gptlab.tokenizer import Tokenizer
 
 
@@ -70,7 +70,9 @@ def canary_exposure(model: GPT, tokenizer: Tokenizer, canaries: list[Canary], ca
         prefix = tokenizer.encode(canary.prefix)
         secret = tokenizer.encode(" " + canary.secret)
         others = {random_secret(rng) for _ in range(candidates)} - {canary.secret}
-        scores = continuation_logprobs(model, prefix, [secret, *(tokenizer.encode(" " + s) for s in others)])
+        continuations = [secret, *(tokenizer.encode(" " + s) for s in others)]
+        scored = score(model, [(prefix + c, len(prefix)) for c in continuations], batch_size=64)
+        scores = torch.tensor([s.total for s in scored], dtype=torch.float64)
         perplexity = -scores  # log-perplexity: lower = more likely
         own, sampled = perplexity[0].item(), perplexity[1:].double().numpy()
         shape, loc, scale = stats.skewnorm.fit(sampled)

@@ -15,10 +15,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gptlab.eval.scoring import continuation_request, score
 from gptlab.eval.tasks import TaskError
 from gptlab.generate import LanguageModel, complete
 from gptlab.sampling import SamplingConfig
+from gptlab.scoring import continuation_request, score
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -44,7 +44,7 @@ def _gptlab_lm_class() -> type:
         return _CLASS
 
     class GptlabLM(_template_lm()):
-        """lm-eval's three request types on gptlab's model: log-likelihoods through gptlab.eval.scoring (batched,
+        """lm-eval's three request types on gptlab's model: log-likelihoods through gptlab.scoring (batched,
         left-truncated to the context like lm-eval's hf model), generations through gptlab.generate.complete."""
 
         def __init__(self, lm: LanguageModel, batch_size: int = 8) -> None:

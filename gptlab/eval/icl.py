@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 from gptlab import evaluate
 from gptlab.eval import tasks
-from gptlab.eval.scoring import continuation_request, score
 from gptlab.eval.tasks import Task, TaskError
 from gptlab.generate import LanguageModel, complete
 from gptlab.outputs import atomic_directory, check_new_output
 from gptlab.sampling import SamplingConfig
+from gptlab.scoring import continuation_request, score
 
 
 @dataclass(frozen=True)

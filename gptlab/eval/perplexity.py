@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gptlab.data import DataError, TokenData, list_text_files
-from gptlab.eval.scoring import score
 from gptlab.generate import LanguageModel
+from gptlab.scoring import score
 from gptlab.tokenizer import Tokenizer
 
 
