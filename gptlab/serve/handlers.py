@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -18,6 +18,9 @@ from gptlab.generate import Decoder, LanguageModel, prompt_logprobs
 from gptlab.prompts import PromptError, messages_from
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Choice, ClientDisconnected, Engine, Run
+from gptlab.serve.limits import Limits
+from gptlab.serve.metrics import ServeMetrics
+from gptlab.serve.ops import OpsConfig, parse_keys
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
 
 
@@ -27,8 +30,16 @@ class ServeConfig:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 256  # waiting sequences before requests get 429
+    limits: Limits = field(default_factory=Limits)
+    ops: OpsConfig = field(default_factory=OpsConfig)  # keys, hosts, rate limits, access logs
+    drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish
 
     def __post_init__(self) -> None:
+        if self.api_key is not None:  # the Python API's single key ("" is an error, not "no authentication")
+            self.ops.api_keys = [*self.ops.api_keys, *parse_keys([self.api_key], "api_key", skip_blank=False)]
+            self.api_key = None
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
         if self.max_queue < 1:
@@ -47,8 +58,11 @@ class Handlers:
         self.tokenizer = lm.tokenizer
         self.block_size = lm.model.config.block_size
         self.max_token_bytes = int(self.tokenizer.token_bytes.max())
+        self.limits = cfg.limits
+        self.metrics = ServeMetrics()
         self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device),
-                             cfg.max_queue)
+                             cfg.max_queue, self.metrics)
+        self.metrics.watch(self.engine)
 
     # --- validation ---
     def check_model(self, name: str | None) -> None:
@@ -91,6 +105,7 @@ class Handlers:
     def budget(self, prompts: list[list[int]], max_tokens: int | None) -> int:
         """Tokens to generate per choice: max_tokens, or (as OpenAI) what the context leaves after the longest
         prompt when it is not given; checked by the one context rule (gptlab.errors.check_context)."""
+        self.limits.check_prompts(prompts)
         longest = max(len(ids) for ids in prompts)
         wanted = max(self.block_size - longest, 1) if max_tokens is None else max_tokens
         try:
@@ -100,7 +115,7 @@ class Handlers:
                            param="prompt" if max_tokens is None else "max_tokens") from None
         return wanted
 
-    def configs(self, req: SamplingParams, max_new_tokens: int, logprobs: int | None,
+    def configs(self, req: SamplingParams, prompts: list[list[int]], max_new_tokens: int, logprobs: int | None,
                 extra_stop: list[str]) -> list[SamplingConfig]:
         """One SamplingConfig per choice (seeds differ per choice, so n > 1 gives n different samples)."""
         if req.logit_bias:
@@ -108,6 +123,8 @@ class Handlers:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if not all(stop):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop")
+        self.limits.check_stop(stop)
+        self.limits.check_request_tokens(len(prompts) * (req.n or 1), max_new_tokens)
         # what the request leaves out keeps SamplingConfig's default; SamplingConfig checks the bounds
         given = {"temperature": req.temperature, "top_k": req.top_k if req.top_k and req.top_k > 0 else None,
                  "top_p": req.top_p, "min_p": req.min_p,
@@ -156,7 +173,7 @@ class Handlers:
         if max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
         self.budget(prompts, max_tokens)
-        configs = self.configs(req, max(max_tokens, 1), req.logprobs, [])
+        configs = self.configs(req, prompts, max(max_tokens, 1), req.logprobs, [])
         n = len(configs)
         prompt_texts = [self.tokenizer.decode(ids) for ids in prompts]
         echoes: list[dict | None] = [None] * len(prompts)  # the prompt's own logprobs (echo + logprobs)
@@ -221,7 +238,7 @@ class Handlers:
         prompts = [self.chat_ids(req.messages)]
         max_new_tokens = self.budget(prompts, req.max_completion_tokens or req.max_tokens)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        configs = self.configs(req, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
+        configs = self.configs(req, prompts, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
         choices = [Choice() for _ in configs]
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         run = Run(self.engine, prompts, configs)
