@@ -28,18 +28,15 @@ from gptlab.tokenizer import load as load_tokenizer
 from tests.conftest import tiny_model_config
 
 EXAMPLES = int(os.environ.get("GPTLAB_ISOLATION_EXAMPLES", "300"))
-REFERENCE = ([40, 263, 318, 257], SamplingConfig(max_new_tokens=6, temperature=0))
+REFERENCE = ([40, 263, 318, 257], SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7))
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def lm() -> LanguageModel:
-    """512 of GPT-2's tokens (so stop strings are real text), far-apart logits: greedy cannot flip on the
-    rounding differences between a batch of one and a batch of two."""
+    """A random model over 512 of GPT-2's tokens (so stop strings are real text)."""
     torch.manual_seed(0)
     model = GPT(tiny_model_config(vocab_size=512, block_size=64))
-    with torch.no_grad():
-        model.transformer.wte.weight.mul_(10)
     return LanguageModel(model, load_tokenizer("gpt2"))
 
 
@@ -73,7 +70,7 @@ def run(engine: Engine, jobs: list[tuple[list[int], SamplingConfig]]) -> list[li
 @pytest.fixture(scope="module")
 def expected(engine) -> list[int]:
     (tokens,) = run(engine, [REFERENCE])
-    assert len(tokens) == 6
+    assert len(tokens) == 8 and len(set(tokens)) > 2  # a varied stream (seeded sampling)
     return tokens
 
 
@@ -99,7 +96,8 @@ PARAMS = st.fixed_dictionaries({
 FLOATS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
 WILD_VALUE = st.one_of(
     st.tuples(st.sampled_from(FLOATS), WILD),
-    st.tuples(st.sampled_from(["top_k", "logprobs", "max_new_tokens"]), st.integers(-3, 0)),
+    st.tuples(st.sampled_from(["top_k", "max_new_tokens"]), st.integers(-3, 0)),
+    st.tuples(st.just("logprobs"), st.integers(-3, -1)),
     st.tuples(st.just("seed"), st.one_of(st.integers(max_value=-(2**63) - 1), st.integers(min_value=2**64))),
     st.tuples(st.just("stop"), st.lists(st.text(max_size=2), min_size=1).filter(lambda stop: "" in stop)))
 
