@@ -84,8 +84,10 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        # drop a token once the mass before it already reaches top_p; the first token always stays (a top_p
+        # that float32 rounds to 0, such as 5e-324, would otherwise drop every token: a NaN distribution)
         drop = (probs.cumsum(-1) - probs) >= cfg.top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if cfg.min_p:
         probs = logits.softmax(-1)

@@ -26,7 +26,7 @@ from gptlab.generate import LanguageModel
 from gptlab.serve.engine import ClientDisconnected, Engine
 from gptlab.serve.handlers import Handlers, ServeConfig
 from gptlab.serve.limits import LimitExceeded
-from gptlab.serve.ops import Gate, access_log, is_loopback
+from gptlab.serve.ops import Gate, access_log, exposure_warning
 from gptlab.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
@@ -145,10 +145,9 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
     """Announce the URL as one JSON line on stdout, then serve until SIGTERM (exit 0 once drained) or Ctrl-C."""
     host, port = sock.getsockname()[:2]
-    if not is_loopback(host) and not cfg.ops.api_keys:
-        print(f"gptlab: WARNING: listening on {host}, beyond this machine, WITHOUT an API key: anyone who can reach "
-              f"port {port} can use this model. Give keys with --api-key-file or $GPTLAB_API_KEY.", file=sys.stderr,
-              flush=True)
+    warning = exposure_warning(host, port, cfg.ops.api_keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     handler = logging.StreamHandler(sys.stderr)  # one JSON object a line
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(handler)

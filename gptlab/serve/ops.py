@@ -87,6 +87,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, port: int, keys: list[APIKey]) -> str | None:
+    """The loud warning for a server reachable beyond this machine that anyone may use."""
+    if is_loopback(host) or keys:
+        return None
+    return (f"gptlab: WARNING: listening on {host}, beyond this machine, WITHOUT an API key: anyone who can reach "
+            f"port {port} can use this model. Give keys with --api-key-file or ${KEY_ENV}.")
+
+
 @dataclass
 class OpsConfig:
     api_keys: list[APIKey] = field(default_factory=list)
@@ -198,19 +206,20 @@ class Gate:
         limit = self.max_body_bytes
         too_big = LimitExceeded("max_body_bytes", f"the request body is larger than {limit} bytes", None, 413)
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
+        if declared.isdigit() and int(declared) > 64 * limit:  # not worth reading: answer, then close
             return _limit_response(too_big), receive
         chunks, size = [], 0
-        while True:
+        while True:  # past the limit the rest is read and dropped, so the client gets to read the 413
             message = await receive()
             if message["type"] == "http.disconnect":
                 break
             size += len(message.get("body", b""))
-            if size > limit:
-                return _limit_response(too_big), receive
-            chunks.append(message.get("body", b""))
+            if size <= limit:
+                chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
+        if size > limit:
+            return _limit_response(too_big), receive
         body, replayed = b"".join(chunks), False
         record["body_bytes"] = len(body)
         if self.ops.log_prompts:
