@@ -80,7 +80,7 @@ async def request(session: aiohttp.ClientSession, url: str, body: dict, kind: st
             return finish if finish and finish.startswith("stream_error") else "completed"
     except aiohttp.ClientConnectorError:
         return "refused"
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as err:
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as err:
         return f"lost ({type(err).__name__})"
 
 
