@@ -2,7 +2,8 @@
 
 One server (a random-init tiny model with GPT-2's tokenizer and a 1024-token context; the server's default
 limits, --max-batch-size 16) gets at once: 128 streaming clients, 500 short non-streaming requests, one slow
-client that reads its stream a chunk every 0.2 s, and 20 clients that disconnect after their first token.
+client that reads its stream a chunk every 0.2 s, and 20 clients that disconnect after their first token
+(--max-queue 1024 by default, so every request is admitted; with the default 256 the rest get 429).
 Every request must complete or get an explicit 4xx / 429 (counted by status); a stream cut without [DONE]
 or an error event, or a connection error, is "lost". The server's RSS is measured after a warm-up round of
 the same load (the baseline), at its peak, and once the load is over.
@@ -85,12 +86,12 @@ async def request(session: aiohttp.ClientSession, url: str, body: dict, kind: st
 
 
 async def load(url: str, streams: int, short: int, on_started=None) -> collections.Counter:
-    jobs = ([({"prompt": f"Client {i} says", "max_tokens": 64, "temperature": 1.0, "ignore_eos": True,
-               "stream": True}, "stream") for i in range(streams)]
-            + [({"prompt": f"Short {i}", "max_tokens": 4, "temperature": 0}, "short") for i in range(short)]
-            + [({"prompt": "Slowly", "max_tokens": 32, "ignore_eos": True, "stream": True}, "slow")]
+    jobs = ([({"prompt": "Slowly", "max_tokens": 32, "ignore_eos": True, "stream": True}, "slow")]
             + [({"prompt": f"Leaving {i}", "max_tokens": 500, "ignore_eos": True, "stream": True}, "disconnect")
-               for i in range(20)])
+               for i in range(20)]
+            + [({"prompt": f"Client {i} says", "max_tokens": 64, "temperature": 1.0, "ignore_eos": True,
+                 "stream": True}, "stream") for i in range(streams)]
+            + [({"prompt": f"Short {i}", "max_tokens": 4, "temperature": 0}, "short") for i in range(short)])
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         tasks = [asyncio.create_task(request(session, url, body, kind)) for body, kind in jobs]
@@ -113,10 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=128)
     parser.add_argument("--short", type=int, default=500)
-    parser.add_argument("--drain-timeout", type=float, default=5.0)
+    parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--max-queue", type=int, default=1024, help="the server's; below ~650 some requests get 429")
     parser.add_argument("--sigterm-after", type=float, default=3.0, help="seconds into the second load")
     args = parser.parse_args()
-    flags = ("--threads", "1", "--max-batch-size", "16")
+    flags = ("--threads", "1", "--max-batch-size", "16", "--max-queue", str(args.max_queue))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp))
         with ServerProcess(ckpt, Path(tmp) / "serve.log", *flags) as server:

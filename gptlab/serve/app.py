@@ -74,7 +74,7 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": cfg.model_name, "max_batch_size": cfg.max_batch_size,
+        return {"status": "draining" if server.engine.draining else "ok", "model": cfg.model_name, "max_batch_size": cfg.max_batch_size,
                 **vars(server.engine.stats)}
 
     def model_card() -> dict:
