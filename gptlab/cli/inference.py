@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     p.add_argument(
-        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+        "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
@@ -230,7 +230,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
     p.add_argument(
-        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+        "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
