@@ -21,6 +21,7 @@ the padding invisible) and each one gives the same tokens as when generated alon
 from __future__ import annotations
 
 import codecs
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ class TokenEvent:
     text: str  # newly released text (UTF-8 safe, stop strings withheld/removed); may be ""
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # None while running, then "stop" or "length"
+    # None while running, then "stop" or "length"; "error" (token_id -1) when this sequence's own numbers went
+    # bad (NaN logits, a distribution that is not finite): it alone ends, the batch goes on
+    finish_reason: str | None
     speculation: SpecUsage | None = None  # on a speculative decoder's last event of a sequence
 
 
@@ -66,6 +69,10 @@ class Completion:
     logprobs: list[float] | None = None  # per generated token, from the model's distribution
     top_logprobs: list[list[tuple[int, float]]] | None = None
     speculation: SpecUsage | None = None  # guesses made and kept (speculative decoding only)
+
+
+class SequenceError(GptlabError):
+    """One sequence's next-token distribution was not finite (NaN logits); the other sequences went on."""
 
 
 class _TextReleaser:
@@ -261,6 +268,9 @@ class Decoder:
                                            every=True).float()
         events = []
         for slot, seq, draft in zip(running, seqs, drafts, strict=True):
+            if not bool(torch.isfinite(logits[slot, : len(draft.tokens) + 1]).all()):
+                events.append((slot, TokenEvent(-1, "", None, None, "error")))  # as in _sample: this row alone
+                continue
             kept = verify(logits[slot], draft, seq.cfg, seq.generator)
             seq.usage.drafted += len(draft.tokens)
             seq.usage.accepted += len(kept) - 1
@@ -306,19 +316,26 @@ class Decoder:
         seqs = [self._slots[i] for i in slots]
         if all(s.cfg.greedy and not s.cfg.penalized for s in seqs):
             # the common fast path, one op for the whole batch; max() finds the same first maximum as
-            # argmax() in a third of the time (8 x 50257 logits: 89 vs 282 us)
-            chosen = logits.max(-1).indices.tolist()
+            # argmax() in a third of the time (8 x 50257 logits: 89 vs 282 us); a row with a NaN has max NaN
+            values, indices = logits.max(-1)
+            chosen = [-1 if bad else token for token, bad in zip(indices.tolist(), values.isnan().tolist(), strict=True)]
         else:
             chosen = []
             for row, seq in enumerate(seqs):
                 scores = seq.penalize(logits[row]) if seq.cfg.penalized else logits[row]
                 if seq.cfg.greedy:
-                    chosen.append(int(scores.argmax()))
-                else:
+                    best = scores.max(-1)
+                    chosen.append(-1 if best.values.isnan() else int(best.indices))
+                else:  # a NaN or inf anywhere makes the sum NaN: this row fails, not torch.multinomial's batch
                     probs = filter_logits(scores[None], seq.cfg).softmax(-1)
-                    chosen.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+                    total = float(probs.sum())
+                    chosen.append(int(torch.multinomial(probs, 1, generator=seq.generator))
+                                  if math.isfinite(total) and total > 0 else -1)
         events = {}
         for row, (slot, seq, token) in enumerate(zip(slots, seqs, chosen, strict=True)):
+            if token < 0:
+                events[slot] = TokenEvent(-1, "", None, None, "error")
+                continue
             logprob, top = None, None
             if seq.cfg.logprobs is not None:
                 logprob, top = _logprobs(logits[row], token, seq.cfg.logprobs)
@@ -428,6 +445,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs
             i = waiting.popleft()
             scheduler.admit(i, prompts[i], configs[i])
         for i, event in scheduler.step():
+            if event.finish_reason == "error":
+                raise SequenceError(f"generation for prompt {i} failed: its next-token distribution is not finite")
             events[i].append(event)
             if event.finish_reason is not None:
                 want_logprobs = configs[i].logprobs is not None
@@ -529,6 +548,8 @@ class LanguageModel:
         decoder.add(ids, cfg)
         while True:
             for _, event in decoder.step_many():
+                if event.finish_reason == "error":
+                    raise SequenceError("generation failed: the next-token distribution is not finite")
                 if event.text:
                     yield event.text
                 if event.finish_reason is not None:

@@ -54,10 +54,23 @@ def load(path: str | Path) -> Loaded:
     return from_payload(checkpoint.load(path))
 
 
+REQUIRED = ("model", "model_config", "tokenizer")  # what every gptlab checkpoint holds
+
+
 def from_payload(payload: dict[str, Any]) -> Loaded:
-    """A checkpoint already read with checkpoint.load."""
-    tokenizer, style = Tokenizer.from_dict(payload["tokenizer"]), prompts.style_of(payload)
-    config = GPTConfig.from_dict(payload["model_config"])
+    """A checkpoint already read with checkpoint.load; a forged or damaged one is a CheckpointError."""
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"not a complete gptlab checkpoint: it lacks {', '.join(missing)}")
+    wrong = [key for key in ("model_config", "tokenizer") if not isinstance(payload[key], dict)]
+    if wrong:
+        raise CheckpointError(f"malformed gptlab checkpoint: its {', '.join(wrong)} is not a mapping")
+    try:
+        tokenizer, style = Tokenizer.from_dict(payload["tokenizer"]), prompts.style_of(payload)
+        config = GPTConfig.from_dict(payload["model_config"])
+    except (KeyError, TypeError, AttributeError) as err:  # a hand-made payload of the wrong shape
+        raise CheckpointError(f"malformed gptlab checkpoint: its tokenizer or model_config is unreadable "
+                              f"({type(err).__name__}: {err})") from None
     info = payload.get("finetune")
     if info is None:
         model = FinetuneModel(GPT(config))

@@ -10,6 +10,12 @@ import torch
 
 from gptlab.config import ConfigError
 
+# Bounds where float32 sampling arithmetic stays finite: logits are divided by the temperature and by (or
+# multiplied with) the repetition penalty, and a logit of ~1e4 over 1e-40 overflows to inf, which makes the
+# softmax NaN. Below MIN_TEMPERATURE every model samples its argmax anyway (vLLM clamps to the same 1e-2).
+MIN_TEMPERATURE = 1e-2
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 @dataclass
 class SamplingConfig:
@@ -35,16 +41,17 @@ class SamplingConfig:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0 <= self.temperature <= 2:
-            raise ConfigError(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
+            raise ConfigError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ConfigError(f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -54,8 +61,8 @@ class SamplingConfig:
             raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ConfigError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
 
@@ -77,8 +84,10 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        # drop a token once the mass before it already reaches top_p; the first token always stays (a top_p
+        # that float32 rounds to 0, such as 5e-324, would otherwise drop every token: a NaN distribution)
         drop = (probs.cumsum(-1) - probs) >= cfg.top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if cfg.min_p:
         probs = logits.softmax(-1)

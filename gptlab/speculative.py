@@ -167,6 +167,8 @@ class DraftModel:
         if seq.cfg.greedy:
             return int(logits.argmax()), None
         probs = filter_logits(logits.float()[None], seq.cfg).softmax(-1)[0]
+        if not bool(torch.isfinite(probs).all()):  # the draft's numbers went bad: guess uniformly (the
+            probs = torch.full_like(probs, 1.0 / probs.numel())  # acceptance rule stays exact for any q)
         return int(torch.multinomial(probs, 1, generator=seq.generator)), probs
 
     @torch.inference_mode()

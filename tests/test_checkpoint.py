@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptlab import checkpoint, distributed
+from gptlab import checkpoint, cli, distributed, loading
 from gptlab.checkpoint import CheckpointError
 from gptlab.model import GPT
 from tests.conftest import load_gpt, run_cli, tiny_model_config
@@ -165,3 +165,19 @@ def test_a_failed_write_is_an_error_and_keeps_the_previous_checkpoint(data_dir, 
     assert "Traceback" not in resumed.stderr
     assert path.read_bytes() == before and checkpoint.load(run)["step"] == 2
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("forgery", ["no model_config", "model_config not a mapping"])
+def test_a_forged_checkpoint_without_its_config_is_one_clear_error(tmp_path, capsys, forgery):
+    """A well-formed gptlab file whose payload lacks (or garbles) model_config: one line, exit 2, no KeyError."""
+    payload = {k: v for k, v in _training_payload().items() if k != "model_config"}
+    if forgery == "model_config not a mapping":
+        payload["model_config"] = ["n_layer", 2]
+    path = tmp_path / "forged" / checkpoint.CKPT_NAME
+    checkpoint.save(path, payload)
+    with pytest.raises(CheckpointError, match="model_config"):
+        loading.load(path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--ckpt", str(path), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("gptlab: error:") and err.count("\n") == 1, err

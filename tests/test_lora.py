@@ -10,7 +10,7 @@ from gptlab.config import GPTConfig
 from gptlab.finetune.config import configs_from_sources
 from gptlab.finetune.run import finetune
 from gptlab.model import GPT
-from tests.conftest import tiny_model_config
+from tests.conftest import run_cli, tiny_model_config
 
 ALL = lora.TARGETS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
@@ -94,6 +94,12 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     capsys.readouterr()
     cli.main(["export-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     exported = json.loads(capsys.readouterr().out)
+    # on a full disk (every file may hold fewer bytes than the base weights): one line, and nothing written
+    full = run_cli("export-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "full"),
+                   max_file_bytes=(tmp_path / "export" / "base" / "model.safetensors").stat().st_size // 2)
+    assert full.returncode == 2 and "Traceback" not in full.stderr
+    assert full.stderr == f"gptlab: error: cannot write {tmp_path / 'full' / 'base' / 'model.safetensors'}: File too large\n"
+    assert not [p for p in tmp_path.iterdir() if "full" in p.name]  # no output, no temporary directory
     adapter_config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == sorted(ALL)
     # blocks * rank * (in + out) of each adapted matrix, 64 wide

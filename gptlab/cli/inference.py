@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from gptlab.cli.common import fail
 from gptlab.cli.moderation import add_moderator_flags
 from gptlab.sampling import SamplingConfig
+from gptlab.serve import limits
 
 SAMPLING_FLAGS = (
     "max_new_tokens",
@@ -92,14 +94,29 @@ def _load_for_serving(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
-        from gptlab.serve import ServeConfig, listen, serve
+        from gptlab.serve.app import ServeConfig, listen, serve
+        from gptlab.serve.ops import OpsConfig, load_keys
     except ImportError as err:
         fail(f"serving needs the serve extra ({err.name} is missing): pip install 'gptlab[serve]'")
     path = Path(args.ckpt).resolve()
     name = args.model_name or (path.parent.name if path.is_file() else path.name)
+    ops = OpsConfig(
+        api_keys=load_keys(args.api_key, args.api_key_file),
+        allowed_hosts=(args.allowed_hosts or "").split(","),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        log_prompts=args.log_prompts,
+    )
     cfg = ServeConfig(
-        model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        moderate=args.moderate, moderator=args.moderator, moderation_threshold=args.moderation_threshold,
+        model_name=name,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        limits=limits.Limits(**{f: getattr(args, f) for f in limits.FLAGS}),
+        ops=ops,
+        drain_timeout=args.drain_timeout,
+        moderate=args.moderate,
+        moderator=args.moderator,
+        moderation_threshold=args.moderation_threshold,
         safe_label=args.safe_label,
     )
     with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
@@ -164,7 +181,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     p.add_argument(
-        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+        "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
@@ -209,7 +226,47 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on the API (visible in `ps`: prefer the two below)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="API keys, one `name:key` a line (the name is what logs and rate limits show); "
+        "$GPTLAB_API_KEY may hold more, comma-separated",
+    )
+    p.add_argument(
+        "--allowed-hosts", metavar="H1,H2", help="answer only these Host headers (*.example.com allowed)"
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="RPS",
+        help="requests/s per key (per client without keys); 0 = off",
+    )
+    p.add_argument(
+        "--rate-burst", type=int, metavar="N", help="requests a key may send at once (default: 2 x RPS)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds in-flight requests get to finish (then a 503 error); exit 0",
+    )
+    p.add_argument(
+        "--log-prompts", action="store_true", help="put prompts in the JSON access log (default: redacted)"
+    )
+    for field in dataclasses.fields(limits.Limits):
+        p.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int,
+            default=field.default,
+            metavar="N",
+            help=limits.FLAGS[field.name] + ("" if field.default is None else f" (default: {field.default})"),
+        )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
         "--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off"
@@ -231,7 +288,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
     p.add_argument(
-        "--temperature", type=float, default=SamplingConfig.temperature, help="in [0, 2]; 0 = greedy"
+        "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)

@@ -7,10 +7,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from gptlab import checkpoint, hf, loading, lora
 from gptlab.checkpoint import CheckpointError
 from gptlab.finetune.config import FinetuneConfig
-from gptlab.outputs import check_new_output
+from gptlab.outputs import atomic_directory, check_new_output
 
 
 def merge_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
@@ -49,8 +51,16 @@ def export_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     loaded = loading.from_payload(payload)
     base = copy.deepcopy(loaded.model.gpt)
     lora.remove_lora(base, merge=False)
-    hf.save_hf(base, loaded.tokenizer, out / "base")
     lora_config = FinetuneConfig(**info["config"]).lora_config()
-    lora.save_peft_adapter(loaded.model.gpt, lora_config, out / "adapter", base_model_path=(out / "base").resolve())
+    tmp = None
+    try:  # both parts appear together or not at all: a full disk leaves nothing behind
+        with atomic_directory(out) as tmp:
+            hf.save_hf(base, loaded.tokenizer, tmp / "base")
+            lora.save_peft_adapter(loaded.model.gpt, lora_config, tmp / "adapter",
+                                   base_model_path=(out / "base").resolve())
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot write {out}: {checkpoint.os_reason(err)}") from None
+    except CheckpointError as err:  # save_hf's own: name the output, not the removed temporary directory
+        raise CheckpointError(str(err).replace(str(tmp), str(out))) from None
     trainable = sum(t.numel() for t in lora.adapter_state(loaded.model.gpt).values())
     return {"base": str(out / "base"), "adapter": str(out / "adapter"), "adapter_params": trainable}

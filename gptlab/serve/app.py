@@ -1,24 +1,32 @@
-"""The FastAPI application of `gptlab serve`: routes, API-key middleware, error mapping, the listening socket."""
+"""The FastAPI application of `gptlab serve`: routes, the gate middleware (gptlab.serve.ops), error mapping, the
+listening socket, and the server's life: it drains on SIGTERM (no new connections or requests, in-flight ones
+get --drain-timeout seconds to finish, then a clean error) and exits 0."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hmac
 import json
+import logging
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.errors import GptlabError
 from gptlab.generate import LanguageModel
-from gptlab.serve.engine import ClientDisconnected
+from gptlab.serve.engine import ClientDisconnected, Engine
 from gptlab.serve.handlers import Handlers, ServeConfig
+from gptlab.serve.limits import LimitExceeded
+from gptlab.serve.ops import Gate, access_log, exposure_warning
 from gptlab.serve.protocol import (
     APIError,
     ChatRequest,
@@ -27,8 +35,6 @@ from gptlab.serve.protocol import (
     ModerationRequest,
     TokenizeRequest,
 )
-
-PUBLIC_PATHS = {"/", "/health", "/docs", "/openapi.json"}  # everything else needs the key when one is set
 
 
 def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -49,22 +55,6 @@ def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return APIError(err.status_code, str(err.detail)).response()
 
 
-class APIKeyMiddleware:
-    """Require `Authorization: Bearer KEY` (a plain ASGI middleware, so streams pass straight through)."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                message = "invalid API key" if given else "missing API key (send Authorization: Bearer KEY)"
-                await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     server = Handlers(lm, cfg)
 
@@ -77,11 +67,11 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="gptlab", description="OpenAI-compatible API for a gptlab model", lifespan=lifespan)
     app.state.server = server
     app.add_exception_handler(APIError, lambda _, err: err.response())
+    app.add_exception_handler(LimitExceeded, lambda _, err: APIError(err.status, str(err), code="limit_exceeded",
+                                                                     param=err.param).response())
     app.add_exception_handler(ClientDisconnected, lambda _, err: Response(status_code=499))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    if cfg.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
 
     playground = (resources.files("gptlab") / "static" / "playground.html").read_text(encoding="utf-8")
 
@@ -91,7 +81,7 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": cfg.model_name, "max_batch_size": cfg.max_batch_size,
+        return {"status": "draining" if server.engine.draining else "ok", "model": cfg.model_name, "max_batch_size": cfg.max_batch_size,
                 **vars(server.engine.stats)}
 
     def model_card() -> dict:
@@ -124,9 +114,17 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
         eot = server.tokenizer.decode([server.tokenizer.eot_id])
         return {"eos_token": eot, "bos_token": eot, "pad_token": None, "model_max_length": server.block_size}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return PlainTextResponse(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
-        tokens = server.chat_ids(req.messages) if req.messages else server.tokenizer.encode(req.prompt or "")
+        if req.messages:
+            tokens = server.chat_ids(req.messages)
+        else:  # bounded, and on a worker thread: a long text never stalls the event loop
+            server.limits.check_tokenize(req.prompt or "")
+            tokens = await asyncio.to_thread(server.tokenizer.encode, req.prompt or "")
         return {"count": len(tokens), "max_model_len": server.block_size, "tokens": tokens, "token_strs": None}
 
     @app.post("/detokenize")
@@ -135,6 +133,8 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
             raise APIError(400, f"token ids must be in [0, {server.tokenizer.vocab_size})", param="tokens")
         return {"prompt": server.tokenizer.decode(req.tokens)}
 
+    app.add_middleware(Gate, ops=cfg.ops, max_body_bytes=cfg.limits.max_body_bytes, metrics=server.metrics,
+                       routes={route.path for route in app.routes})
     return app
 
 
@@ -154,12 +154,46 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
-    """Announce the URL as one JSON line on stdout, then serve until interrupted."""
-    import uvicorn
-
-    app = create_app(lm, cfg)
+    """Announce the URL as one JSON line on stdout, then serve until SIGTERM (exit 0 once drained) or Ctrl-C."""
     host, port = sock.getsockname()[:2]
+    warning = exposure_warning(host, port, cfg.ops.api_keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    handler = logging.StreamHandler(sys.stderr)  # one JSON object a line
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(log_level.upper())
+    access_log.propagate = False
+    app = create_app(lm, cfg)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(json.dumps({"url": url, "model": cfg.model_name, "max_batch_size": cfg.max_batch_size}), flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn's own grace period only backs ours up: by its end every request has had its answer or its error
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=cfg.drain_timeout + 5)
+    _DrainingServer(config, app.state.server.engine, cfg.drain_timeout).run(sockets=[sock])
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server, draining on SIGTERM: it stops accepting connections (uvicorn), the engine refuses new
+    requests (503) and finishes the running ones; whatever is left after `drain_timeout` seconds ends with a
+    503 error (a final error event in a stream). A SIGTERM handled so exits 0 (uvicorn would re-raise it,
+    which ends the process with the signal's status)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, drain_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGTERM and not self.should_exit:
+            self.should_exit = True  # not recorded in _captured_signals: not re-raised
+            return
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.engine.drain()
+        error = APIError(503, f"the server shut down before this request finished (it had {self.drain_timeout:g} s)",
+                         code="shutting_down", kind="server_error")
+        deadline = asyncio.get_running_loop().call_later(self.drain_timeout, self.engine.abort_all, error)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()

@@ -1,7 +1,9 @@
 """The engine: one background thread owns the Decoder. Between decode steps it admits waiting sequences
 into free KV-cache slots (continuous batching, so concurrent requests share every forward pass) and hands
 each token event to its request's asyncio queue. The waiting line is bounded (429 when full) and a client
-that disconnects has its sequences cancelled, which frees their slots at the next step."""
+that disconnects has its sequences cancelled, which frees their slots at the next step. A sequence whose
+numbers go bad fails alone (the decoder checks every row); on shutdown the engine drains: it refuses new work
+(503) and, past the deadline, ends what is left with a clean error."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -21,6 +24,9 @@ from gptlab.generate import Decoder, Scheduler, TokenEvent
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.protocol import APIError, QueueFull
 from gptlab.speculative import SpecUsage
+
+if TYPE_CHECKING:
+    from gptlab.serve.metrics import ServeMetrics
 
 log = logging.getLogger("gptlab.serve")
 
@@ -47,21 +53,28 @@ class EngineStats:
     peak_active: int = 0  # the largest batch decoded so far
     finished: int = 0
     cancelled: int = 0
+    failed: int = 0  # sequences ended by an error (their own bad numbers, a failed step, shutdown)
     steps: int = 0
     speculation: dict | None = None  # speculative decoding: guesses made and kept, tokens per target pass
+    prompt_tokens: int = 0  # of admitted sequences
+    generated_tokens: int = 0
 
 
 class Engine:
     """Continuous batching: admit waiting sequences into free slots, step the decoder, dispatch events."""
 
-    def __init__(self, decoder: Decoder, max_queue: int) -> None:
+    def __init__(self, decoder: Decoder, max_queue: int, metrics: ServeMetrics | None = None) -> None:
         self.scheduler = Scheduler(decoder)  # touched by the engine thread only
         self.max_queue = max_queue
+        self.metrics = metrics
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._waiting: deque[GenerationJob] = deque()
         self._jobs: deque[Callable[[], None]] = deque()
         self._stopping = False
+        self.draining = False  # shutting down: no new work
+        self._abort: APIError | None = None  # set when the drain deadline passes: end everything with it
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps: tokens/s
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
 
     def start(self) -> None:
@@ -73,8 +86,30 @@ class Engine:
             self._cond.notify()
         self._thread.join(timeout=10)
 
+    def drain(self) -> None:
+        """Shutdown begins: refuse new requests (503); what runs or waits goes on."""
+        self.draining = True
+
+    def abort_all(self, error: APIError) -> None:
+        """The drain deadline passed: every running and waiting sequence ends now with `error`."""
+        with self._cond:
+            self._abort = error
+            self._cond.notify()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if t >= now - window]
+        return sum(n for _, n in recent) / window
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another instance", code="shutting_down",
+                           kind="server_error")
+
     def submit(self, sequences: list[GenerationJob]) -> None:
         """Queue all sequences of one request, or none of them (QueueFull) when the line is too long."""
+        self._check_open()
         if len(sequences) > self.max_queue:  # could never fit: retrying would not help
             raise APIError(400, f"the request asks for {len(sequences)} sequences (prompts x n); this server "
                            f"queues at most {self.max_queue}", param="n")
@@ -113,6 +148,7 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # the event loop is already closed
                 loop.call_soon_threadsafe(settle, result, error)
 
+        self._check_open()
         with self._cond:
             if len(self._waiting) + len(self._jobs) >= self.max_queue:
                 raise QueueFull(len(self._waiting) + len(self._jobs))
@@ -123,9 +159,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._waiting or self._jobs or self.scheduler.running)
+                self._cond.wait_for(lambda: self._stopping or self._waiting or self._jobs or self.scheduler.running
+                                    or self._abort)
                 if self._stopping:
                     return
+                if self._abort:
+                    self._fail(list(self._waiting) + self.scheduler.abort(), self._abort)
+                    self._waiting.clear()
+                    self._abort = None
+                    self.stats.waiting = self.stats.active = 0
                 jobs, self._jobs = self._jobs, deque()
                 admitted = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.scheduler.free_slots))]
                 self.stats.waiting = len(self._waiting)
@@ -137,8 +179,12 @@ class Engine:
                     continue
                 try:
                     self.scheduler.admit(seq, seq.prompt_ids, seq.cfg)
+                    self.stats.prompt_tokens += len(seq.prompt_ids)
                 except GptlabError as err:
                     seq.deliver(APIError(400, str(err)))
+                except Exception as err:  # a bug in admitting one sequence fails that sequence only
+                    log.exception("admitting a sequence failed")
+                    self._fail([seq], APIError(500, f"generation failed: {err}", kind="server_error"))
             for seq in [s for s in self.scheduler.running.values() if s.cancelled]:
                 self.scheduler.cancel(seq)
                 self.stats.cancelled += 1
@@ -152,11 +198,16 @@ class Engine:
             results = self.scheduler.step()
         except Exception as err:  # a decoder bug must not kill the server: fail the batch, keep serving
             log.exception("decoder step failed")
-            for seq in self.scheduler.abort():
-                seq.deliver(APIError(500, f"generation failed: {err}", kind="server_error"))
+            self._fail(self.scheduler.abort(), APIError(500, f"generation failed: {err}", kind="server_error"))
+            self.stats.active = 0  # /health must not count the failed batch as running
             return
         self.stats.steps += 1
-        self.stats.finished += sum(event.finish_reason is not None for _, event in results)
+        failed = [seq for seq, event in results if event.finish_reason == "error"]
+        self.stats.finished += sum(event.finish_reason not in (None, "error") for _, event in results)
+        self.stats.generated_tokens += len(results) - len(failed)
+        self._recent.append((time.monotonic(), len(results) - len(failed)))
+        while self._recent and self._recent[0][0] < time.monotonic() - 60:
+            self._recent.popleft()
         for _, event in results:
             if event.speculation is not None:
                 usage = event.speculation
@@ -164,8 +215,17 @@ class Engine:
                          usage.accepted, usage.drafted, 100 * usage.acceptance_rate, usage.tokens_per_pass)
                 self.stats.speculation = self.scheduler.decoder.usage.to_dict()
         self.stats.active = len(self.scheduler.running)  # up to date before any client hears it is done
+        self._fail(failed, APIError(500, "generation failed for this request: its next-token distribution became "
+                                    "NaN or infinite (the other requests went on)", code="generation_failed",
+                                    kind="server_error"))
         for seq, event in results:
-            seq.deliver(event)
+            if event.finish_reason != "error":
+                seq.deliver(event)
+
+    def _fail(self, sequences: list[GenerationJob], error: APIError) -> None:
+        self.stats.failed += len(sequences)
+        for seq in sequences:
+            seq.deliver(error)
 
 
 class Run:
@@ -180,6 +240,7 @@ class Run:
                           for i in range(len(prompts) * len(configs))]
         self.unfinished = set(range(len(self.sequences)))
         self.watcher: asyncio.Task | None = None
+        self.started = time.monotonic()
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[TokenEvent | Exception], None]:
         def deliver(item: TokenEvent | Exception) -> None:  # called on the engine thread
@@ -194,6 +255,7 @@ class Run:
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """Yield events until every choice has finished; whatever is left is cancelled on exit."""
+        metrics, first = self.engine.metrics, True
         try:
             while self.unfinished:
                 index, item = await self.queue.get()
@@ -201,9 +263,16 @@ class Run:
                     continue
                 if isinstance(item, Exception):
                     raise item
+                if first and metrics:
+                    metrics.time_to_first_token.observe(time.monotonic() - self.started)
+                    first = False
                 if item.finish_reason is not None:
                     self.unfinished.discard(index)
+                    if metrics:
+                        metrics.request_success.labels(finished_reason=item.finish_reason).inc()
                 yield index, item
+            if metrics:
+                metrics.e2e_request_latency.observe(time.monotonic() - self.started)
         finally:
             if self.watcher:
                 self.watcher.cancel()

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,7 +19,10 @@ from gptlab.moderation import SAFE_LABEL, Moderation, load_moderator
 from gptlab.prompts import PromptError, messages_from
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Choice, ClientDisconnected, Engine, Run
-from gptlab.serve.moderation import MODES, Gate
+from gptlab.serve.limits import Limits
+from gptlab.serve.metrics import ServeMetrics
+from gptlab.serve.moderation import MODES, ModerationGate
+from gptlab.serve.ops import OpsConfig, parse_keys
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
 from gptlab.speculative import SpecUsage
 
@@ -34,8 +37,16 @@ class ServeConfig:
     moderator: str | None = None  # a named moderator or classifier checkpoint; default with moderate: profanity-check
     moderation_threshold: float = 0.5
     safe_label: str = SAFE_LABEL  # a classifier moderator's harmless label
+    limits: Limits = field(default_factory=Limits)
+    ops: OpsConfig = field(default_factory=OpsConfig)  # keys, hosts, rate limits, access logs
+    drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish
 
     def __post_init__(self) -> None:
+        if self.api_key is not None:  # the Python API's single key ("" is an error, not "no authentication")
+            self.ops.api_keys = [*self.ops.api_keys, *parse_keys([self.api_key], "api_key", skip_blank=False)]
+            self.api_key = None
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout}")
         if self.moderate is not None and self.moderate not in MODES:
             raise ConfigError(f"moderate must be one of {', '.join(MODES)}, got {self.moderate!r}")
         if self.max_batch_size < 1:
@@ -56,10 +67,13 @@ class Handlers:
         self.tokenizer = lm.tokenizer
         self.block_size = lm.model.config.block_size
         self.max_token_bytes = int(self.tokenizer.token_bytes.max())
+        self.limits = cfg.limits
+        self.metrics = ServeMetrics()
         self.engine = Engine(Decoder(lm.model, lm.tokenizer, max_batch=cfg.max_batch_size, device=lm.device,
-                                     speculation=lm.speculation), cfg.max_queue)
+                                     speculation=lm.speculation), cfg.max_queue, self.metrics)
+        self.metrics.watch(self.engine)
         moderator = cfg.moderator or ("profanity-check" if cfg.moderate else None)
-        self.gate = Gate(moderator and Moderation(load_moderator(moderator, cfg.safe_label), cfg.moderation_threshold),
+        self.moderation = ModerationGate(moderator and Moderation(load_moderator(moderator, cfg.safe_label), cfg.moderation_threshold),
                          cfg.moderate)
 
     # --- validation ---
@@ -103,6 +117,7 @@ class Handlers:
     def budget(self, prompts: list[list[int]], max_tokens: int | None) -> int:
         """Tokens to generate per choice: max_tokens, or (as OpenAI) what the context leaves after the longest
         prompt when it is not given; checked by the one context rule (gptlab.errors.check_context)."""
+        self.limits.check_prompts(prompts)
         longest = max(len(ids) for ids in prompts)
         wanted = max(self.block_size - longest, 1) if max_tokens is None else max_tokens
         try:
@@ -112,7 +127,7 @@ class Handlers:
                            param="prompt" if max_tokens is None else "max_tokens") from None
         return wanted
 
-    def configs(self, req: SamplingParams, max_new_tokens: int, logprobs: int | None,
+    def configs(self, req: SamplingParams, prompts: list[list[int]], max_new_tokens: int, logprobs: int | None,
                 extra_stop: list[str]) -> list[SamplingConfig]:
         """One SamplingConfig per choice (seeds differ per choice, so n > 1 gives n different samples)."""
         if req.logit_bias:
@@ -120,6 +135,8 @@ class Handlers:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if not all(stop):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop")
+        self.limits.check_stop(stop)
+        self.limits.check_request_tokens(len(prompts) * (req.n or 1), max_new_tokens)
         # what the request leaves out keeps SamplingConfig's default; SamplingConfig checks the bounds
         given = {"temperature": req.temperature, "top_k": req.top_k if req.top_k and req.top_k > 0 else None,
                  "top_p": req.top_p, "min_p": req.min_p,
@@ -177,10 +194,10 @@ class Handlers:
         if max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
         self.budget(prompts, max_tokens)
-        configs = self.configs(req, max(max_tokens, 1), req.logprobs, [])
+        configs = self.configs(req, prompts, max(max_tokens, 1), req.logprobs, [])
         n = len(configs)
         prompt_texts = [self.tokenizer.decode(ids) for ids in prompts]
-        await self.gate.check_input(prompt_texts, "prompt")
+        await self.moderation.check_input(prompt_texts, "prompt")
         echoes: list[dict | None] = [None] * len(prompts)  # the prompt's own logprobs (echo + logprobs)
         if req.echo and req.logprobs is not None:
             for p, ids in enumerate(prompts):
@@ -212,7 +229,7 @@ class Handlers:
                 sent = [0] * len(choices)  # tokens already sent, per choice
                 offsets = [len(prompt_texts[i // n]) for i in range(len(choices))]  # text offset of the next one
                 if run:
-                    async for i, event in self.gate.screen(run):
+                    async for i, event in self.moderation.screen(run):
                         choices[i].add(event)
                         if event.text or event.finish_reason:  # withheld text (a possible stop string) waits
                             lp = logprobs_of(i, sent[i], offsets[i])
@@ -226,7 +243,7 @@ class Handlers:
             return self._streaming_response(stream())
 
         if run:
-            async for i, event in self.gate.screen(run):
+            async for i, event in self.moderation.screen(run):
                 choices[i].add(event)
         out = []
         for i, c in enumerate(choices):
@@ -241,10 +258,10 @@ class Handlers:
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
         prompts = [self.chat_ids(req.messages)]
-        await self.gate.check_input([m.as_dict()["content"] for m in req.messages], "messages")
+        await self.moderation.check_input([m.as_dict()["content"] for m in req.messages], "messages")
         max_new_tokens = self.budget(prompts, req.max_completion_tokens or req.max_tokens)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        configs = self.configs(req, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
+        configs = self.configs(req, prompts, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
         choices = [Choice() for _ in configs]
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         run = Run(self.engine, prompts, configs)
@@ -260,7 +277,7 @@ class Handlers:
                     yield _sse(body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}], "chat.completion.chunk"))
                 sent = [0] * len(choices)
-                async for i, event in self.gate.screen(run):
+                async for i, event in self.moderation.screen(run):
                     c = choices[i]
                     c.add(event)
                     if event.text or event.finish_reason:
@@ -275,7 +292,7 @@ class Handlers:
                 yield _sse("[DONE]")
             return self._streaming_response(stream())
 
-        async for i, event in self.gate.screen(run):
+        async for i, event in self.moderation.screen(run):
             choices[i].add(event)
         out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs) if top_n is not None else None,

@@ -29,7 +29,7 @@ class ContentPolicyViolation(APIError):
                          "cannot be processed", code="content_policy_violation", param=param)
 
 
-class Gate:
+class ModerationGate:
     """What the server screens (`mode`: input, output, both, or None for nothing) and with which moderator."""
 
     def __init__(self, moderation: Moderation | None, mode: Literal["input", "output", "both"] | None) -> None:
