@@ -35,9 +35,17 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from gptlab.data import prepare
     from gptlab.train import DEFAULT_TOKENIZER
 
-    out = args.out or ("data/shakespeare" if not args.input else "data/custom")
-    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8)
-    print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}}))
+    inputs, extra = args.input, {}
+    if args.corpus == "python":
+        from gptlab.datasets import python_sources
+
+        if args.input:
+            fail("--corpus python takes no --input")
+        files, skipped = python_sources()
+        inputs, extra = [str(f) for f in files], {"python_files": len(files), "skipped": skipped}
+    out = args.out or {"python": "data/python"}.get(args.corpus) or ("data/custom" if args.input else "data/shakespeare")
+    meta = prepare(inputs, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8)
+    print(json.dumps({"out": out, **{k: v for k, v in meta.items() if k != "source"}, **extra}))
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -160,6 +168,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
     p.add_argument("--input", nargs="+", help="text files or directories (default: bundled Shakespeare)")
+    p.add_argument("--corpus", choices=["python"],
+                   help="python: this interpreter's standard library, de-duplicated (PSF licence)")
     p.add_argument(
         "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
     )
