@@ -279,10 +279,15 @@ def synthetic_functions(skipped: Counter) -> Iterator[tuple[str, Record]]:
                                   "test": f"def check(candidate):\n{asserts}", "entry_point": entry}
 
 
-def python_sources() -> tuple[list[Path], dict[str, int]]:
+DOCSTRING_PERCENT = (5, 10)  # python-docstrings' (val, test) share of stdlib modules
+
+
+def python_sources(hold_out_test: bool = True) -> tuple[list[Path], dict[str, int]]:
     """The running interpreter's standard library as a code corpus (PSF licence): every .py file under the
     stdlib directory except site-packages and the interpreter's own test suite (its `test` package, which
-    also holds deliberately broken files), each distinct content once. Returns (files, what was left out)."""
+    also holds deliberately broken files), each distinct content once. Returns (files, what was left out).
+    With `hold_out_test`, the modules of python-docstrings' test split are left out too, so a model
+    pretrained on this corpus has not read the functions it is tested on."""
     import hashlib
     import sysconfig
 
@@ -293,6 +298,9 @@ def python_sources() -> tuple[list[Path], dict[str, int]]:
         parts = path.relative_to(root).parts
         if parts[0] in ("site-packages", "dist-packages", "test") or "__pycache__" in parts:
             skipped["site-packages and test-suite files"] += 1
+            continue
+        if hold_out_test and split_of("/".join(parts), DOCSTRING_PERCENT) == "test":
+            skipped["modules of the python-docstrings test split"] += 1
             continue
         try:
             data = path.read_bytes()
@@ -308,6 +316,51 @@ def python_sources() -> tuple[list[Path], dict[str, int]]:
     if not files:
         raise DataError(f"no Python files found under {root}")
     return files, dict(skipped)
+
+
+DOC_MAX_LINES = 25  # longer functions are left out (they would not fit a small model's context)
+
+
+@source("python-docstrings", "standard-library Python functions -> the first line of their docstring "
+        "(code summarization)", "PSF-2.0 (CPython standard library)", "the running interpreter's stdlib",
+        "sft", DOCSTRING_PERCENT)
+def python_docstrings(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Each documented function of the stdlib without its docstring -> the docstring's first line, grouped by
+    module (a module's functions share a split; its test modules are held out of `prepare --corpus python`)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, _ = python_sources(hold_out_test=False)
+    for path in files:
+        module = "/".join(path.relative_to(root).parts)
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            skipped["files that do not parse"] += 1
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            summary = " ".join(doc.strip().split("\n\n")[0].split())
+            first = node.body[0]
+            if not 3 <= len(summary.split()) <= 25 or len(node.body) < 2:
+                skipped["functions whose summary is under 3 or over 25 words, or with no body"] += 1
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            kept = lines[start: first.lineno - 1] + lines[first.end_lineno: node.end_lineno]
+            if len(kept) > DOC_MAX_LINES:
+                skipped[f"functions over {DOC_MAX_LINES} lines"] += 1
+                continue
+            indent = min(len(line) - len(line.lstrip()) for line in kept if line.strip())
+            code = "\n".join(line[indent:] for line in kept).strip("\n")
+            yield module, {"instruction": "Summarize what this Python function does in one line.", "input": code,
+                           "output": summary}
 
 
 def split_of(group: str, percent: tuple[int, int]) -> str:

@@ -389,7 +389,13 @@ class LanguageModel:
         """Any model `gptlab.loading` reads, ready to generate; quantize="int8" for int8 weights (CPU)."""
         if quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
-        loaded = loading.load(path)
+        return cls.from_loaded(loading.load(path), device, quantize)
+
+    @classmethod
+    def from_loaded(cls, loaded: loading.Loaded, device: str = "cpu", quantize: str | None = None) -> LanguageModel:
+        """A model `gptlab.loading.load` already read (a language model, not a classifier or tagger)."""
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
         model = loaded.gpt()
         device = select_device(device)
         if quantize == "int8":

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import requests
 
 from gptlab import cli, datasets, evaluate
 from gptlab import tokenizer as tok
@@ -12,7 +13,7 @@ from gptlab.finetune.data import encode_tagged, load_tag, tag_batch, word_pieces
 from gptlab.finetune.predict import entities
 from gptlab.finetune.run import finetune
 from gptlab.model import IGNORE_INDEX
-from tests.conftest import run_cli
+from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,41 +109,63 @@ def test_peoples_daily_tags_follow_the_pos_tags():
     assert [len(p) for p in parts] == [61, 61]
 
 
-def _finetune(tmp_path, init, data, name, **settings):
-    train = dict(init=str(init), data=str(data), out=str(tmp_path / name), max_steps=80, batch_size=8,
+def _finetune(out, init, data, **settings):
+    train = dict(init=str(init), data=str(data), out=str(out), max_steps=80, batch_size=8,
                  eval_interval=1000, ckpt_interval=1000, warmup_steps=5, precision="fp32", lr=3e-3)
     tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "from_scratch") if k in settings}
     cfg, ft = configs_from_sources(None, {**train, **settings}, tune)
     return finetune(cfg, ft, log=lambda _: None)
 
 
-def test_tagger_learns_held_out_sentences_and_predict_and_eval_task_agree(tmp_path, tiny_pretrained, ner_dir, capsys):
-    result = _finetune(tmp_path, tiny_pretrained, ner_dir, "tagger", task="tag", method="full")
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory, tiny_pretrained, ner_dir):
+    out = tmp_path_factory.mktemp("tagger") / "run"
+    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full")
+
+
+def test_tagger_learns_held_out_sentences_and_predict_and_eval_task_agree(tmp_path, tagger, ner_dir, capsys):
+    run, result = tagger
     assert result["f1"] >= 0.9, result  # unseen person/place pairs, every word seen in training
-    cli.main(["eval-task", "--ckpt", str(tmp_path / "tagger"), "--data", str(ner_dir / "val.jsonl")])
+    cli.main(["eval-task", "--ckpt", str(run), "--data", str(ner_dir / "val.jsonl")])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["f1"] == pytest.approx(result["f1"]) and set(scores["per_type"]) == {"PER", "LOC", "ORG"}
-    proc = run_cli("predict", "--ckpt", str(tmp_path / "tagger"), "--input", str(ner_dir / "val.jsonl"),
-                   "--out", str(tmp_path / "pred.jsonl"))
-    assert proc.returncode == 0, proc.stderr
-    predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    cli.main(["predict", "--ckpt", str(run), "--input", str(ner_dir / "val.jsonl"), "--out", str(tmp_path / "p.jsonl")])
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     references = [json.loads(line) for line in (ner_dir / "val.jsonl").read_text().splitlines()]
     assert [p["tokens"] for p in predictions] == [r["tokens"] for r in references]
     assert evaluate.entity_scores([p["tags"] for p in predictions],
                                   [r["tags"] for r in references])["f1"] == pytest.approx(scores["f1"])
     assert all(0.0 < p <= 1.0 for row in predictions for p in row["probs"])
-    proc = run_cli("predict", "--ckpt", str(tmp_path / "tagger"), "--text", "Eva Lund saw Lima")
-    row = json.loads(proc.stdout)
+    capsys.readouterr()
+    cli.main(["predict", "--ckpt", str(run), "--text", "Eva Lund saw Lima"])
+    row = json.loads(capsys.readouterr().out)
     assert row["tokens"] == ["Eva", "Lund", "saw", "Lima"] and len(row["tags"]) == 4
 
 
-def test_predict_bad_input_is_one_line(tmp_path, tiny_pretrained, ner_dir):
+def test_predict_bad_input_is_one_line(tmp_path, tagger, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tokens": ["a"]}\n{"words": ["b"]}\n')
-    _finetune(tmp_path, tiny_pretrained, ner_dir, "tagger", task="tag", method="lora", max_steps=2)
     for args, needle in [(["--input", str(bad)], "bad.jsonl:2: expected"),
                          ([], "give either --input FILE.jsonl or --text TEXT"),
                          (["--input", str(bad), "--out", str(bad)], "already exists")]:
-        proc = run_cli("predict", "--ckpt", str(tmp_path / "tagger"), *args)
-        assert proc.returncode == 2 and proc.stderr.startswith("gptlab: error: ") and needle in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", "--ckpt", str(tagger[0]), *args])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and captured.err.startswith("gptlab: error: ") and needle in captured.err
+        assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+    assert bad.read_text().startswith('{"tokens"')  # not overwritten
+
+
+def test_the_server_tags_through_v1_predict_and_answers_bad_input_with_400(tmp_path, tagger):
+    with ServerProcess(tagger[0], tmp_path / "serve.log", "--threads", "1") as server:
+        assert requests.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["task"] == "tag"
+        answer = requests.post(f"{server.url}/v1/predict", json={"input": [
+            "Anna Berg visited Paris with Nokia .", {"tokens": ["Li", "Wei", "saw", "Oslo"]}]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert data[0]["tokens"][:2] == ["Anna", "Berg"] and data[0]["tags"][:2] == ["B-PER", "I-PER"]
+        assert data[1]["tokens"] == ["Li", "Wei", "saw", "Oslo"] and len(data[1]["tags"]) == 4
+        for body in ({"input": [{"words": ["x"]}]}, {"input": []}, {"input": 3}):
+            bad = requests.post(f"{server.url}/v1/predict", json=body, timeout=30)
+            assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("input"), (body, bad.text)
+        assert requests.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"  # still serving

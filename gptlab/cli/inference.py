@@ -45,16 +45,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
 
 
-def _load_for_serving(args: argparse.Namespace):
+def _load_for_serving(args: argparse.Namespace, predictors: bool = False):
+    """The model to serve or chat with; with `predictors`, a classifier or tagger becomes a Predictor."""
     import torch
 
+    from gptlab import loading
+    from gptlab.finetune.predict import Predictor
     from gptlab.generate import LanguageModel
 
     if args.threads is not None:
         if args.threads < 1:
             fail(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return LanguageModel.load(args.ckpt, args.device, quantize=args.quantize)
+    loaded = loading.load(args.ckpt)
+    if predictors and loaded.task in ("classify", "tag"):
+        if args.quantize:
+            fail("--quantize applies to language models, not to a classifier or tagger")
+        return Predictor(loaded, args.device)
+    return LanguageModel.from_loaded(loaded, args.device, quantize=args.quantize)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -68,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue
     )
     with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
-        serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
+        serve(_load_for_serving(args, predictors=True), cfg, sock, log_level=args.log_level)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

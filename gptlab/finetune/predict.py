@@ -58,9 +58,9 @@ def entities(words: list[str], tags: list[str]) -> list[dict[str, Any]]:
 class Predictor:
     """A loaded fine-tuned (or plain) checkpoint that answers lists of input records."""
 
-    def __init__(self, ckpt: str | Path, device: str = "auto", precision: str = "auto", batch_size: int = 32,
-                 max_new_tokens: int = 64) -> None:
-        self.loaded = loading.load(ckpt)
+    def __init__(self, ckpt: str | Path | loading.Loaded, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 32, max_new_tokens: int = 64) -> None:
+        self.loaded = ckpt if isinstance(ckpt, loading.Loaded) else loading.load(ckpt)
         self.task = self.loaded.task
         self.device = select_device(device)
         self.precision = resolve_precision(precision, self.device)[0]

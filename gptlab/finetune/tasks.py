@@ -3,6 +3,7 @@ metrics logged at every evaluation and `gptlab eval-task`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from gptlab.finetune.data import (
     load_classify,
     load_sft,
     load_tag,
+    read_jsonl,
     sft_batch,
+    sft_messages,
     tag_batch,
 )
 from gptlab.finetune.model import FinetuneModel
@@ -193,6 +196,27 @@ def tagging_scores(model: FinetuneModel, examples: list[TagExample], labels: lis
         nats -= p.clamp_min(1e-12).log().gather(1, gold[:, None]).sum().item()
         words += len(gold)
     return {"loss": nats / max(1, words), **evaluate.entity_scores(predictions, references)}
+
+
+BASELINES = ("lead", "name")
+
+
+def baseline_scores(data: str | Path, kind: str, max_items: int | None = None) -> dict[str, Any]:
+    """Generation metrics of a model-free answer to each instruction record: `lead` the first line of its
+    input (summarization's lead baseline), `name` the words of the identifier that line defines (code)."""
+    evaluate.require_metric_packages()
+    records = [sft_messages(record, where) for where, record in read_jsonl(data)]
+    records = records[:max_items] if max_items else records
+    hypotheses = []
+    for messages in records:
+        lines = [line for line in messages[-2].content.split("\n\n", 1)[-1].splitlines() if line.strip()]
+        lead = lines[0].strip() if lines else ""
+        if kind == "name":
+            match = re.search(r"(?:def|class)\s+(\w+)", lead)
+            lead = " ".join(re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", match.group(1))) if match else lead
+        hypotheses.append(lead)
+    return {"items": len(records), "baseline": kind,
+            **evaluate.generation_metrics(hypotheses, [m[-1].content for m in records])}
 
 
 def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,

@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
@@ -13,13 +14,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.errors import GptlabError
+from gptlab.finetune.predict import Predictor
 from gptlab.generate import LanguageModel
 from gptlab.serve.engine import ClientDisconnected
 from gptlab.serve.handlers import Handlers, ServeConfig
-from gptlab.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gptlab.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PredictRequest,
+    TokenizeRequest,
+)
 
 PUBLIC_PATHS = {"/", "/health", "/docs", "/openapi.json"}  # everything else needs the key when one is set
 
@@ -127,6 +137,53 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     return app
 
 
+def create_predict_app(predictor: Predictor, cfg: ServeConfig) -> FastAPI:
+    """The API of a classifier or tagger checkpoint: POST /v1/predict (as `gptlab predict`), /health, /v1/models.
+
+    Request: {"model": optional, "input": "text" | ["text", ...] | [{"text"} or {"tokens": [...]}, ...]}.
+    Response: {"object": "list", "model", "task", "data": [one `gptlab predict` result per input]}.
+    """
+    app = FastAPI(title="gptlab", description=f"a gptlab {predictor.task} model")
+    app.add_exception_handler(APIError, lambda _, err: err.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    if cfg.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    lock = threading.Lock()  # one model: requests take turns (each is already batched)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": cfg.model_name, "task": predictor.task}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gptlab", "task": predictor.task,
+                                            "labels": predictor.labels}]}
+
+    def run(req: PredictRequest) -> dict:
+        if req.model is not None and req.model != cfg.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_name!r})",
+                           code="model_not_found", param="model")
+        inputs = [req.input] if isinstance(req.input, str) else req.input
+        if not inputs or len(inputs) > cfg.max_queue:
+            raise APIError(400, f"input must hold 1 to {cfg.max_queue} items, got {len(inputs)}",
+                           code="invalid_parameter", param="input")
+        items = [(f"input[{i}]", {"text": x} if isinstance(x, str) else x) for i, x in enumerate(inputs)]
+        try:
+            with lock:
+                data = predictor(predictor.parse(items))
+        except GptlabError as err:
+            raise APIError(400, str(err), code="invalid_parameter", param="input") from None
+        return {"object": "list", "model": cfg.model_name, "task": predictor.task, "data": data}
+
+    @app.post("/v1/predict")
+    async def predict(req: PredictRequest) -> dict:
+        return await run_in_threadpool(run, req)
+
+    return app
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket (port 0 picks a free one); a busy port is a GptlabError before any model loads."""
     try:
@@ -142,11 +199,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
-    """Announce the URL as one JSON line on stdout, then serve until interrupted."""
+def serve(lm: LanguageModel | Predictor, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
+    """Announce the URL as one JSON line on stdout, then serve until interrupted (a classifier or tagger gets
+    the prediction API, a language model the OpenAI one)."""
     import uvicorn
 
-    app = create_app(lm, cfg)
+    app = create_predict_app(lm, cfg) if isinstance(lm, Predictor) else create_app(lm, cfg)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(json.dumps({"url": url, "model": cfg.model_name, "max_batch_size": cfg.max_batch_size}), flush=True)

@@ -95,3 +95,10 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
 
+
+
+class PredictRequest(BaseModel):
+    """POST /v1/predict of a classifier or tagger: one text, or a list of texts or `gptlab predict` records."""
+
+    model: str | None = None
+    input: str | list[str | dict[str, Any]]
