@@ -91,3 +91,19 @@ def test_a_task_without_tests_and_bad_flags_are_one_line(tmp_path, capsys):
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 2 and stderr.startswith("gptlab: error: ") and needle in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
+
+
+def test_summarization_baselines_score_the_first_line_or_the_name(tmp_path, capsys):
+    data = tmp_path / "test.jsonl"
+    records = [{"instruction": "Summarize.", "input": "def read_config_file(path):\n    return open(path).read()",
+                "output": "Read the config file at path."},
+               {"instruction": "Summarize.", "input": "def isEmpty(xs):\n    return not xs", "output": "Is it empty?"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cli.main(["eval-task", "--baseline", "name", "--data", str(data)])
+    name = json.loads(capsys.readouterr().out)
+    # "read config file" vs "read the config file at path": LCS 3, P 3/3, R 3/6; "is empty" vs "is it empty": 2/2, 2/3
+    assert name["rouge_l"] == pytest.approx((2 * 1 * 0.5 / 1.5 + 2 * 1 * (2 / 3) / (5 / 3)) / 2)
+    cli.main(["eval-task", "--baseline", "lead", "--data", str(data)])
+    lead = json.loads(capsys.readouterr().out)
+    # lead: "def read config file path" (4 of 5 words in order: F 8/11) and "def isempty xs" (nothing in common)
+    assert lead["items"] == 2 and lead["rouge_l"] == pytest.approx((8 / 11 + 0) / 2)
