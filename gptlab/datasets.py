@@ -189,7 +189,7 @@ def _pd_cut(sentence: list[tuple[str, str]], skipped: Counter) -> Iterator[list[
     while len(sentence) > PD_MAX_WORDS:
         commas = [i for i, (w, _) in enumerate(sentence[:PD_MAX_WORDS]) if w in "，；、"]
         cut = commas[-1] + 1 if commas else PD_MAX_WORDS
-        skipped[f"sentences over {PD_MAX_WORDS} words (cut at a comma)"] += 1
+        skipped[f"cuts of sentences over {PD_MAX_WORDS} words (at a comma)"] += 1
         yield sentence[:cut]
         sentence = sentence[cut:]
     if sentence:

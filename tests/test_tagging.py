@@ -169,3 +169,23 @@ def test_the_server_tags_through_v1_predict_and_answers_bad_input_with_400(tmp_p
             bad = requests.post(f"{server.url}/v1/predict", json=body, timeout=30)
             assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("input"), (body, bad.text)
         assert requests.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"  # still serving
+
+
+def test_predict_reproduces_eval_task_accuracy_of_a_classifier(tmp_path, tiny_pretrained, ner_dir, capsys):
+    """The acceptance check of `gptlab predict` in small: a classifier's predicted labels on a labelled file
+    give exactly the accuracy `gptlab eval-task` reports for it."""
+    rows = [json.loads(line) for line in (ner_dir / "train.jsonl").read_text().splitlines()]
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [{"text": " ".join(r["tokens"]), "label": r["tokens"][5]} for r in rows]  # the organisation
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _finetune(tmp_path / "clf", tiny_pretrained, data, task="classify", method="full", max_steps=30)
+    capsys.readouterr()
+    cli.main(["eval-task", "--ckpt", str(tmp_path / "clf"), "--data", str(data / "val.jsonl")])
+    accuracy = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
+    cli.main(["predict", "--ckpt", str(tmp_path / "clf"), "--input", str(data / "val.jsonl")])
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(p["label"] == r["label"] for p, r in zip(predicted, records, strict=True)) / len(records) == accuracy
+    assert all(sum(p["probs"].values()) == pytest.approx(1.0) and p["label"] == max(p["probs"], key=p["probs"].get)
+               for p in predicted)

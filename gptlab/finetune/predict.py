@@ -48,10 +48,9 @@ def entities(words: list[str], tags: list[str]) -> list[dict[str, Any]]:
             found.append({"type": kind, "start": i, "end": i + 1})
         elif tag.startswith("I-"):
             found[-1]["end"] = i + 1
-    for entity in found:
-        entity["text"] = "".join(words[entity["start"]: entity["end"]]) if all(
-            not w.isascii() for w in words[entity["start"]: entity["end"]]) else " ".join(
-            words[entity["start"]: entity["end"]])
+    for entity in found:  # Chinese words join directly, others with spaces
+        span = words[entity["start"]: entity["end"]]
+        entity["text"] = ("" if not any(w.isascii() for w in span) else " ").join(span)
     return found
 
 
