@@ -189,3 +189,21 @@ def test_predict_reproduces_eval_task_accuracy_of_a_classifier(tmp_path, tiny_pr
     assert sum(p["label"] == r["label"] for p, r in zip(predicted, records, strict=True)) / len(records) == accuracy
     assert all(sum(p["probs"].values()) == pytest.approx(1.0) and p["label"] == max(p["probs"], key=p["probs"].get)
                for p in predicted)
+
+
+def test_predict_answers_as_the_model_generates_greedily(tiny_pretrained, capsys):
+    """A language model: the answer is greedy decoding of the prompt in the checkpoint's style, with its
+    tokens' summed log-probability."""
+    from gptlab import loading
+    from gptlab.generate import LanguageModel
+    from gptlab.prompts import Message
+    from gptlab.sampling import SamplingConfig
+
+    cli.main(["predict", "--ckpt", str(tiny_pretrained), "--text", "To be", "--max-new-tokens", "8"])
+    row = json.loads(capsys.readouterr().out)
+    loaded = loading.load(tiny_pretrained)
+    prompt = loaded.prompt_style.prompt_ids([Message("user", "To be")], loaded.tokenizer)
+    expected = LanguageModel.from_loaded(loaded).complete(
+        [prompt], SamplingConfig(max_new_tokens=8, temperature=0, stop=list(loaded.prompt_style.stop), logprobs=0))[0]
+    assert row["output"] == expected.text and row["logprob"] == pytest.approx(sum(expected.logprobs), abs=1e-4)
+    assert row["logprob"] < 0
