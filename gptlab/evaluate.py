@@ -1,4 +1,4 @@
-"""Task metrics: accuracy and macro-F1 for classification; exact match, chrF, BLEU and ROUGE-L for generation.
+"""Task metrics: accuracy and macro-F1 for classification; entity-level P/R/F1 for tagging; exact match, chrF, BLEU and ROUGE-L for generation.
 
 Scales follow each metric's reference implementation: accuracy, macro-F1, exact match and ROUGE-L
 (`rouge-score`'s F-measure) are fractions in [0, 1]; chrF and BLEU are `sacrebleu`'s corpus scores in [0, 100].
@@ -14,6 +14,7 @@ from gptlab.errors import require_package
 
 GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+TAGGING_METRICS = ("precision", "recall", "f1")
 
 
 def require_metric_packages() -> None:
@@ -39,6 +40,31 @@ def macro_f1(predictions: Sequence[Any], references: Sequence[Any]) -> float:
         fn = sum(p != label and r == label for p, r in zip(predictions, references, strict=True))
         scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
+
+
+# --- token classification --------------------------------------------------------------------------
+def require_seqeval() -> None:
+    require_package("seqeval", "pip install seqeval  (or pip install -e '.[finetune]')", "the tagging metrics")
+
+
+def entity_scores(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                  ) -> dict[str, Any]:
+    """Entity-level precision, recall and F1 of BIO tag sequences (seqeval's default, conlleval-compatible
+    mode: an entity counts only when its type and both ends match), micro-averaged, and per entity type."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    _check_lengths(predictions, references)
+    for p, r in zip(predictions, references, strict=True):
+        if len(p) != len(r):
+            raise ValueError(f"a predicted sequence has {len(p)} tags, its reference {len(r)}")
+    pred, ref = [list(p) for p in predictions], [list(r) for r in references]
+    report = classification_report(ref, pred, output_dict=True, zero_division=0)
+    per_type = {name: {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                       "f1": float(row["f1-score"]), "support": int(row["support"])}
+                for name, row in report.items() if not name.endswith(" avg")}
+    return {"precision": float(precision_score(ref, pred, zero_division=0)),
+            "recall": float(recall_score(ref, pred, zero_division=0)),
+            "f1": float(f1_score(ref, pred, zero_division=0)), "per_type": per_type}
 
 
 # --- generation -------------------------------------------------------------------------------------

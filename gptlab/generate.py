@@ -485,15 +485,24 @@ class LanguageModel:
         `prompt_lookup=True`, guessing `num_draft_tokens` tokens per pass of the model."""
         if quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
-        device = select_device(device)
-        if quantize == "int8" and device.type != "cpu":
-            raise ConfigError("--quantize int8 runs on CPU only")
-        speculation = None
         if draft is not None and prompt_lookup:
             raise ConfigError("speculative decoding takes either a draft model or prompt lookup, not both")
         if draft is not None or prompt_lookup:
             SpeculativeConfig(prompt_lookup=True, num_draft_tokens=num_draft_tokens)  # a bad k fails first
-        loaded = loading.load(path)
+        return cls.from_loaded(loading.load(path), device, quantize, draft, num_draft_tokens, prompt_lookup)
+
+    @classmethod
+    def from_loaded(cls, loaded: loading.Loaded, device: str = "cpu", quantize: str | None = None,
+                    draft: str | Path | None = None, num_draft_tokens: int = 4, prompt_lookup: bool = False,
+                    ) -> LanguageModel:
+        """A model `gptlab.loading.load` already read (a language model, not a classifier or tagger); the
+        other arguments as in `load`."""
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+        device = select_device(device)
+        if quantize == "int8" and device.type != "cpu":
+            raise ConfigError("--quantize int8 runs on CPU only")
+        speculation = None
         model = loaded.gpt()
         if draft is not None or prompt_lookup:
             speculation = load_speculation(loaded.tokenizer, draft, num_draft_tokens)

@@ -34,14 +34,15 @@ class Loaded:
 
     @property
     def task(self) -> str:
-        """The task: `classify` for a classifier, `sft` for every language model, fine-tuned or not."""
+        """The task: `classify` for a classifier, `tag` for a tagger, `sft` for every language model."""
         return self.finetune["config"]["task"] if self.finetune else "sft"
 
     def gpt(self) -> GPT:
         """The plain language model with any LoRA update merged in: what generation, serving, conversion and
         `--init` work on."""
         if self.task != "sft":
-            raise CheckpointError("this is a classifier checkpoint: score it with `gptlab eval-task`")
+            raise CheckpointError(f"this is a {'tagger' if self.task == 'tag' else 'classifier'} checkpoint: "
+                                  "apply it with `gptlab predict`, score it with `gptlab eval-task`")
         if lora.lora_layers(self.model.gpt):
             lora.merge_lora(self.model.gpt)
         return self.model.gpt.requires_grad_(True)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,4 +40,23 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path) -> Iterator[typing.TextIO]:
+    """A text file to write `out` through: a temporary file beside it, renamed to `out` when the block
+    succeeds, removed if it fails. `out` must not exist."""
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists: remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptlab.cli import audit, evaluation, inference, interpret, moderation, training
+from gptlab.cli import apps, audit, evaluation, inference, interpret, moderation, training
 from gptlab.cli.common import Parser, fail
 from gptlab.errors import GptlabError
 
-COMMANDS = (training, inference, evaluation, moderation, interpret, audit)  # the order of `gptlab --help`
+COMMANDS = (training, inference, evaluation, apps, moderation, interpret, audit)  # the order of `gptlab --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

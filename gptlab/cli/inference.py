@@ -68,28 +68,40 @@ def _report_speculation(method: str, completions: list) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    """The model of --ckpt with the speculation its flags ask for (--draft, --prompt-lookup)."""
+def _load(args: argparse.Namespace, loaded=None):
+    """The model of --ckpt (or the `loaded` one) with the speculation its flags ask for (--draft,
+    --prompt-lookup)."""
     from gptlab.generate import LanguageModel
 
-    return LanguageModel.load(
-        args.ckpt,
-        args.device,
-        quantize=args.quantize,
+    speculation = dict(
         draft=getattr(args, "draft", None),
         num_draft_tokens=getattr(args, "num_draft_tokens", 4),
         prompt_lookup=getattr(args, "prompt_lookup", False),
     )
+    if loaded is None:
+        return LanguageModel.load(args.ckpt, args.device, quantize=args.quantize, **speculation)
+    return LanguageModel.from_loaded(loaded, args.device, quantize=args.quantize, **speculation)
 
 
-def _load_for_serving(args: argparse.Namespace):
+def _load_for_serving(args: argparse.Namespace, predictors: bool = False):
+    """The model to serve or chat with; with `predictors`, a classifier or tagger becomes a Predictor."""
     import torch
 
     if args.threads is not None:
         if args.threads < 1:
             fail(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return _load(args)
+    if not predictors:
+        return _load(args)
+    from gptlab import loading
+    from gptlab.finetune.predict import Predictor
+
+    loaded = loading.load(args.ckpt)
+    if loaded.task in ("classify", "tag"):
+        if args.quantize:
+            fail("--quantize applies to language models, not to a classifier or tagger")
+        return Predictor(loaded, args.device)
+    return _load(args, loaded)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -120,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         safe_label=args.safe_label,
     )
     with listen(args.host, args.port) as sock:  # before loading the model: a busy port fails fast
-        serve(_load_for_serving(args), cfg, sock, log_level=args.log_level)
+        serve(_load_for_serving(args, predictors=True), cfg, sock, log_level=args.log_level)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

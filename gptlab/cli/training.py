@@ -38,12 +38,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     clean = CleanConfig(dedup=args.dedup, scrub_pii=args.scrub_pii, canaries=args.canaries,
                         canary_repeats=tuple(args.canary_repeats), seed=args.seed)
-    out = args.out or ("data/shakespeare" if not args.input else "data/custom")
-    meta = prepare(args.input, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8, clean=clean)
+    inputs, extra = args.input, {}
+    if args.corpus == "python":
+        from gptlab.datasets import python_sources
+
+        if args.input:
+            fail("--corpus python takes no --input")
+        files, skipped = python_sources()
+        inputs, extra = [str(f) for f in files], {"python_files": len(files), "skipped": skipped}
+    out = args.out or {"python": "data/python"}.get(args.corpus) or ("data/custom" if args.input else "data/shakespeare")
+    meta = prepare(inputs, args.tokenizer or DEFAULT_TOKENIZER, out, strict_utf8=args.strict_utf8, clean=clean)
     shown = {k: v for k, v in meta.items() if k not in ("source", "canaries")}
-    print(json.dumps({"out": out, **shown, **({"canaries": len(meta["canaries"])} if "canaries" in meta else {})}))
-
-
+    canaries = {"canaries": len(meta["canaries"])} if "canaries" in meta else {}
+    print(json.dumps({"out": out, **shown, **canaries, **extra}))
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",")]
@@ -124,7 +131,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_task(args: argparse.Namespace) -> None:
-    from gptlab.finetune.tasks import eval_task
+    from gptlab.finetune.tasks import baseline_scores, eval_task
+
+    if (args.ckpt is None) == (args.baseline is None):
+        fail("give either --ckpt CKPT or --baseline lead|name")
+    if args.baseline:
+        print(json.dumps(baseline_scores(args.data, args.baseline, args.max_items)))
+        return
 
     print(
         json.dumps(
@@ -174,6 +187,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
     p.add_argument("--input", nargs="+", help="text files or directories (default: bundled Shakespeare)")
+    p.add_argument("--corpus", choices=["python"],
+                   help="python: this interpreter's standard library, de-duplicated (PSF licence)")
     p.add_argument(
         "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
     )
@@ -223,7 +238,10 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--ckpt", help="run directory, checkpoint file or HF GPT-2 directory")
+    p.add_argument("--baseline", choices=["lead", "name"],
+                   help="instead of a model: the first line of each input (lead), or the words of the name it "
+                        "defines (name), scored as the answer")
     p.add_argument("--data", required=True, help="JSONL file ({text,label} or instruction/chat records)")
     p.add_argument("--max-items", type=int, help="score only the first N items")
     p.add_argument("--max-new-tokens", type=int, default=64)

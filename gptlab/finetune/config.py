@@ -19,7 +19,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_
 class FinetuneConfig:
     """What to adapt and how (the optimisation settings are the shared TrainConfig)."""
 
-    task: Literal["sft", "classify"] = "sft"
+    task: Literal["sft", "classify", "tag"] = "sft"
     method: Literal["full", "lora", "freeze"] = "lora"
     train_layers: int = 1  # freeze: how many top blocks train (0: only the head)
     lora_rank: int = 8
@@ -31,10 +31,15 @@ class FinetuneConfig:
     eval_items: int = 500  # validation items scored at each evaluation (0: all)
     max_new_tokens: int = 64  # generation length cap when scoring SFT
     prompt_style: str = "instruction"  # sft: how conversations are rendered (gptlab.prompts); kept in the checkpoint
+    # tag: what each word's tag is read from. left: the word's first token (a causal model sees only the words
+    # before it); echo: the first token of the word in a second copy of the sentence, which sees it all
+    tag_context: Literal["left", "echo"] = "echo"
 
     def __post_init__(self) -> None:
-        if self.task not in ("sft", "classify"):
-            raise ConfigError(f"task must be sft or classify, got {self.task!r}")
+        if self.task not in ("sft", "classify", "tag"):
+            raise ConfigError(f"task must be sft, classify or tag, got {self.task!r}")
+        if self.tag_context not in ("left", "echo"):
+            raise ConfigError(f"tag_context must be left or echo, got {self.tag_context!r}")
         if self.method not in ("full", "lora", "freeze"):
             raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
         for name in ("train_layers", "eval_items"):

@@ -83,6 +83,35 @@ def classify_record(record: dict[str, Any], where: str) -> tuple[str, str]:
     return text, str(label)
 
 
+def tag_record(record: dict[str, Any], where: str, labelled: bool = True) -> tuple[list[str], list[str] | None]:
+    """(words, BIO tags) of a {"tokens": [...], "tags": [...]} record; unlabelled records (prediction) may give
+    "text" instead of "tokens" (split at whitespace). Tags are IOB2: O, B-TYPE, I-TYPE continuing its type."""
+    if "tokens" in record:
+        words = record["tokens"]
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise DataError(f"{where}: 'tokens' must be a non-empty list of non-empty strings")
+    elif not labelled and isinstance(record.get("text"), str) and record["text"].split():
+        words = record["text"].split()
+    else:
+        raise DataError(f"{where}: expected {{\"tokens\", \"tags\"}}, got keys {sorted(record)}")
+    if not labelled:
+        return words, None
+    tags = record.get("tags")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise DataError(f"{where}: 'tags' must be a list of strings (one BIO tag per token)")
+    if len(tags) != len(words):
+        raise DataError(f"{where}: {len(words)} tokens but {len(tags)} tags (one tag per token)")
+    previous = "O"
+    for number, tag in enumerate(tags, start=1):
+        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            raise DataError(f"{where}: tag {number} is {tag!r}; tags are O, B-TYPE or I-TYPE")
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            raise DataError(f"{where}: malformed BIO sequence: tag {number} {tag!r} follows {previous!r} "
+                            f"(an I- tag continues an entity of its type)")
+        previous = tag
+    return words, tags
+
+
 # --- examples and batches --------------------------------------------------------------------------
 @dataclass
 class SFTExample:
@@ -96,6 +125,66 @@ class SFTExample:
 class ClassifyExample:
     ids: list[int]
     label: int
+
+
+@dataclass
+class TagExample:
+    ids: list[int]  # the words' tokens (twice, around <|endoftext|>, with the echo context)
+    positions: list[int]  # per word that fits the context: the position its tag is read from
+    labels: list[int]  # per word that fits: its tag's index (IGNORE_INDEX when unlabelled)
+    words: list[str]  # every word; those past the context get "O"
+    reference: list[str] | None  # every word's tag, when the record has them
+
+
+def word_pieces(words: list[str], tokenizer: Tokenizer) -> list[list[int]]:
+    """Each word's tokens, encoded as it reads in the running text: a word that starts with an ASCII letter
+    or digit gets the space that precedes it in English; other words (Chinese, punctuation) join directly."""
+    texts = [(" " + w if i and w[0].isascii() and w[0].isalnum() else w) for i, w in enumerate(words)]
+    return tokenizer.encode_batch(texts)
+
+
+def encode_tagged(words: list[str], tags: list[str] | None, index: dict[str, int], tokenizer: Tokenizer,
+                  block_size: int, context: str) -> tuple[TagExample, bool]:
+    """The example of one sentence and whether words had to be left out to fit the context. The tag of a word
+    is read at its first token (the others carry no label); with the echo context, in the second copy."""
+    pieces = word_pieces(words, tokenizer)
+    fit, length = 0, 0
+    for piece in pieces:
+        needed = 2 * (length + len(piece)) + 1 if context == "echo" else length + len(piece)
+        if needed > block_size:
+            break
+        fit, length = fit + 1, length + len(piece)
+    first = [sum(len(p) for p in pieces[:i]) for i in range(fit)]
+    ids = [t for piece in pieces[:fit] for t in piece]
+    if context == "echo":
+        first = [length + 1 + position for position in first]
+        ids = ids + [tokenizer.eot_id] + ids
+    labels = [index[t] for t in tags[:fit]] if tags is not None else [IGNORE_INDEX] * fit
+    return TagExample(ids, first, labels, words, tags), fit < len(words)
+
+
+def load_tag(path: str | Path, tokenizer: Tokenizer, block_size: int, context: str, labels: list[str] | None = None,
+             log: Callable[[str], None] = print) -> tuple[list[TagExample], list[str]]:
+    """Encode a file of {"tokens","tags"} records; the tag set defaults to the sorted tags found (training).
+    Words past the context are left out of training and predicted "O" (counted)."""
+    rows = [(where, *tag_record(record, where)) for where, record in read_jsonl(path)]
+    if labels is None:
+        labels = sorted({tag for _, _, tags in rows for tag in tags} | {"O"})
+        if len(labels) < 2:
+            raise DataError(f"{path}: tagging needs at least one entity tag besides O")
+    index = {label: i for i, label in enumerate(labels)}
+    examples, cut = [], 0
+    for where, words, tags in rows:
+        unknown = sorted(set(tags) - set(index))
+        if unknown:
+            raise DataError(f"{where}: tag {unknown[0]!r} is not one the model was trained on ({', '.join(labels)})")
+        example, was_cut = encode_tagged(words, tags, index, tokenizer, block_size, context)
+        if not example.positions:
+            raise DataError(f"{where}: the first token does not fit the {block_size}-token context")
+        examples.append(example)
+        cut += was_cut
+    _report(path, len(examples), {f"cut to the {block_size}-token context": cut}, log)
+    return examples, labels
 
 
 def load_sft(path: str | Path, tokenizer: Tokenizer, block_size: int, style: PromptStyle,
@@ -163,6 +252,19 @@ def classify_batch(examples: list[ClassifyExample], pad_id: int) -> tuple[torch.
         x[row, : len(example.ids)] = torch.tensor(example.ids)
     last = torch.tensor([len(e.ids) - 1 for e in examples])
     return x, last, torch.tensor([e.label for e in examples])
+
+
+def tag_batch(examples: list[TagExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, positions the tags are read from, tag ids); padded positions point at 0 with IGNORE_INDEX."""
+    width, words = max(len(e.ids) for e in examples), max(len(e.positions) for e in examples)
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(examples), words), dtype=torch.long)
+    labels = torch.full((len(examples), words), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        x[row, : len(example.ids)] = torch.tensor(example.ids)
+        positions[row, : len(example.positions)] = torch.tensor(example.positions, dtype=torch.long)
+        labels[row, : len(example.labels)] = torch.tensor(example.labels, dtype=torch.long)
+    return x, positions, labels
 
 
 def in_batches(items: list, size: int) -> Iterator[list]:

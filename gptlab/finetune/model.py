@@ -1,4 +1,5 @@
-"""The model being fine-tuned: a GPT (possibly with LoRA layers) plus an optional classification head, and
+"""The model being fine-tuned: a GPT (possibly with LoRA layers) plus an optional classification or tagging
+head (a linear layer on the last real token's hidden state, or on every word's), and
 which of its parameters train under each method."""
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class FinetuneModel(nn.Module):
     def classify(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Label logits (B, labels) from the hidden state of each row's last real token."""
         return self.classify_and_lm_loss(idx, last, with_lm_loss=False)[0]
+
+    def tag(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Tag logits (B, words, labels) from the hidden states at each word's reading position."""
+        hidden = self.gpt.hidden_states(idx)
+        return self.head(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1))))
 
     def classify_and_lm_loss(self, idx: torch.Tensor, last: torch.Tensor, with_lm_loss: bool = True,
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,7 +82,7 @@ class FinetuneModel(nn.Module):
 
 def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool) -> FinetuneModel:
     """Wrap `gpt` for the task and set what trains according to the method."""
-    model = FinetuneModel(gpt, len(labels) if cfg.task == "classify" else 0, partial_state)
+    model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state)
     if cfg.method == "lora":
         lora.apply_lora(gpt, cfg.lora_config())
     elif cfg.method == "freeze":

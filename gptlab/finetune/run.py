@@ -13,9 +13,9 @@ from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import DataError
 from gptlab.device import select_device
 from gptlab.finetune.config import FinetuneConfig
-from gptlab.finetune.data import load_classify, load_sft
+from gptlab.finetune.data import load_classify, load_sft, load_tag
 from gptlab.finetune.model import fingerprint, prepare_model
-from gptlab.finetune.tasks import classify_task, sft_task
+from gptlab.finetune.tasks import classify_task, sft_task, tag_task
 from gptlab.model import GPT
 from gptlab.train import fit, resolve
 
@@ -35,6 +35,8 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     train_path, val_path = _split_path(cfg.data, "train"), _split_path(cfg.data, "val")
     if ft.task == "sft":
         evaluate.require_metric_packages()
+    elif ft.task == "tag":
+        evaluate.require_seqeval()
     device = select_device(cfg.device)
     cfg = resolve(cfg, device, log)
     init = loading.load(cfg.init)
@@ -49,6 +51,9 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     labels, style = None, prompts.get(ft.prompt_style)
     if ft.task == "sft":
         train, val = (load_sft(path, tokenizer, block, style, log) for path in (train_path, val_path))
+    elif ft.task == "tag":
+        train, labels = load_tag(train_path, tokenizer, block, ft.tag_context, log=log)
+        val, _ = load_tag(val_path, tokenizer, block, ft.tag_context, labels, log=log)
     else:
         train, labels = load_classify(train_path, tokenizer, block, log=log)
         val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
@@ -59,6 +64,8 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     val = val[: ft.eval_items] if ft.eval_items else val
     if ft.task == "sft":
         task = sft_task(train, val, tokenizer, style, cfg, block, ft.max_new_tokens)
+    elif ft.task == "tag":
+        task = tag_task(train, val, tokenizer, labels, cfg, block)
     else:
         task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),

@@ -3,6 +3,7 @@ metrics logged at every evaluation and `gptlab eval-task`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,16 @@ from gptlab.finetune.data import (
     ClassifyExample,
     EpochSampler,
     SFTExample,
+    TagExample,
     classify_batch,
     in_batches,
     load_classify,
     load_sft,
+    load_tag,
+    read_jsonl,
     sft_batch,
+    sft_messages,
+    tag_batch,
 )
 from gptlab.finetune.model import FinetuneModel
 from gptlab.generate import complete
@@ -70,6 +76,27 @@ def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], toke
                 metric_names=("val_loss", *evaluate.CLASSIFICATION_METRICS))
 
 
+def tag_task(train: list[TagExample], val: list[TagExample], tokenizer: Tokenizer, labels: list[str],
+             cfg: TrainConfig, block_size: int) -> Task:
+    sampler = EpochSampler(len(train), cfg, block_size)
+    pad = tokenizer.eot_id
+
+    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tag_batch([train[i] for i in sampler.indices(step, micro)], pad)
+
+    def loss(model: FinetuneModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, positions, tags = batch
+        return F.cross_entropy(model.tag(x, positions).float().flatten(0, 1), tags.flatten(),
+                               ignore_index=IGNORE_INDEX)
+
+    def evaluate_tagger(model: FinetuneModel) -> dict[str, float]:
+        scores = tagging_scores(model, val, labels, pad, cfg.batch_size, cfg.precision)
+        return {"val_loss": scores["loss"], **{k: scores[k] for k in evaluate.TAGGING_METRICS}}
+
+    return Task(sample_batch=sample_batch, evaluate=evaluate_tagger, loss=loss,
+                metric_names=("val_loss", *evaluate.TAGGING_METRICS))
+
+
 # --- scoring ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def response_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int,
@@ -108,29 +135,96 @@ def generation_scores(model: FinetuneModel, examples: list[SFTExample], tokenize
     return evaluate.generation_metrics(replies, [e.reference for e in examples])
 
 
-def classification_scores(model: FinetuneModel, examples: list[ClassifyExample], pad_id: int, batch_size: int,
-                          precision: str = "fp32") -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of a classifier."""
+@torch.no_grad()
+def classify_log_probs(model: FinetuneModel, examples: list[ClassifyExample], pad_id: int, batch_size: int,
+                       precision: str = "fp32") -> torch.Tensor:
+    """(examples, labels) label log-probabilities of a classifier."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predictions, references, loss_sum = [], [], 0.0
-    for x, last, labels in (classify_batch(chunk, pad_id) for chunk in in_batches(examples, batch_size)):
+    logits = []
+    for x, last, _ in (classify_batch(chunk, pad_id) for chunk in in_batches(examples, batch_size)):
         with autocast(device, precision):
-            logits = model.classify(x.to(device), last.to(device)).float()
-        loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
-        predictions += logits.argmax(-1).tolist()
-        references += labels.tolist()
+            logits.append(model.classify(x.to(device), last.to(device)).float().cpu())
     model.train(was_training)
-    return {"loss": loss_sum / max(1, len(references)), "accuracy": evaluate.accuracy(predictions, references),
+    return torch.cat(logits).log_softmax(-1)
+
+
+def classification_scores(model: FinetuneModel, examples: list[ClassifyExample], pad_id: int, batch_size: int,
+                          precision: str = "fp32") -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy of a classifier."""
+    log_probs = classify_log_probs(model, examples, pad_id, batch_size, precision)
+    predictions, references = log_probs.argmax(-1).tolist(), [e.label for e in examples]
+    loss = -log_probs[torch.arange(len(examples)), torch.tensor(references)].mean().item()
+    return {"loss": loss, "accuracy": evaluate.accuracy(predictions, references),
             "macro_f1": evaluate.macro_f1(predictions, references)}
+
+
+@torch.no_grad()
+def tag_probabilities(model: FinetuneModel, examples: list[TagExample], pad_id: int, batch_size: int,
+                      precision: str = "fp32") -> list[torch.Tensor]:
+    """Per example, the (words that fit, labels) tag probabilities."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    result = []
+    for chunk in in_batches(examples, batch_size):
+        x, positions, _ = tag_batch(chunk, pad_id)
+        with autocast(device, precision):
+            probs = model.tag(x.to(device), positions.to(device)).float().softmax(-1).cpu()
+        result += [p[: len(e.positions)] for p, e in zip(probs, chunk, strict=True)]
+    model.train(was_training)
+    return result
+
+
+def predicted_tags(probs: torch.Tensor, example: TagExample, labels: list[str]) -> list[str]:
+    """The most likely tag of each word; words past the context are "O"."""
+    tags = [labels[i] for i in probs.argmax(-1).tolist()]
+    return tags + ["O"] * (len(example.words) - len(tags))
+
+
+def tagging_scores(model: FinetuneModel, examples: list[TagExample], labels: list[str], pad_id: int,
+                   batch_size: int, precision: str = "fp32") -> dict[str, Any]:
+    """Entity-level precision / recall / F1 (seqeval; per type too) and the mean cross-entropy per tagged word.
+    References are the examples' own tags over every word, so words cut by the context count as "O" guesses."""
+    probs = tag_probabilities(model, examples, pad_id, batch_size, precision)
+    predictions, references, nats, words = [], [], 0.0, 0
+    for p, example in zip(probs, examples, strict=True):
+        predictions.append(predicted_tags(p, example, labels))
+        references.append(example.reference)
+        gold = torch.tensor(example.labels, dtype=torch.long)
+        nats -= p.clamp_min(1e-12).log().gather(1, gold[:, None]).sum().item()
+        words += len(gold)
+    return {"loss": nats / max(1, words), **evaluate.entity_scores(predictions, references)}
+
+
+BASELINES = ("lead", "name")
+
+
+def baseline_scores(data: str | Path, kind: str, max_items: int | None = None) -> dict[str, Any]:
+    """Generation metrics of a model-free answer to each instruction record: `lead` the first line of its
+    input (summarization's lead baseline), `name` the words of the identifier that line defines (code)."""
+    evaluate.require_metric_packages()
+    records = [sft_messages(record, where) for where, record in read_jsonl(data)]
+    records = records[:max_items] if max_items else records
+    hypotheses = []
+    for messages in records:
+        lines = [line for line in messages[-2].content.split("\n\n", 1)[-1].splitlines() if line.strip()]
+        lead = lines[0].strip() if lines else ""
+        if kind == "name":
+            match = re.search(r"(?:def|class)\s+(\w+)", lead)
+            lead = " ".join(re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", match.group(1))) if match else lead
+        hypotheses.append(lead)
+    return {"items": len(records), "baseline": kind,
+            **evaluate.generation_metrics(hypotheses, [m[-1].content for m in records])}
 
 
 def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,
               batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print) -> dict[str, Any]:
     """`gptlab eval-task`: a checkpoint's task metrics on a JSONL file.
 
-    A classifier checkpoint is scored on {"text","label"} records; any language model (fine-tuned or not,
+    A classifier checkpoint is scored on {"text","label"} records, a tagger on {"tokens","tags"} records
+    (entity-level P/R/F1, per type too); any language model (fine-tuned or not,
     gptlab or HF GPT-2) on instruction or chat records, greedy-decoded in the checkpoint's prompt style.
     """
     loaded = loading.load(ckpt)
@@ -140,7 +234,13 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
     precision, why = resolve_precision(precision, device)
     log(f"precision: {precision} ({why})")
     block, pad = model.config.block_size, tokenizer.eot_id
-    if loaded.task == "classify":
+    if loaded.task == "tag":
+        evaluate.require_seqeval()
+        labels = loaded.finetune["labels"]
+        examples, _ = load_tag(data, tokenizer, block, loaded.finetune["config"]["tag_context"], labels, log)
+        examples = examples[:max_items] if max_items else examples
+        scores = tagging_scores(model, examples, labels, pad, batch_size, precision)
+    elif loaded.task == "classify":
         examples, _ = load_classify(data, tokenizer, block, loaded.finetune["labels"], log)
         examples = examples[:max_items] if max_items else examples
         scores = classification_scores(model, examples, pad, batch_size, precision)

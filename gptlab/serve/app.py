@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -19,13 +20,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.errors import GptlabError
+from gptlab.finetune.predict import Predictor
 from gptlab.generate import LanguageModel
 from gptlab.serve.engine import ClientDisconnected, Engine
 from gptlab.serve.handlers import Handlers, ServeConfig
 from gptlab.serve.limits import LimitExceeded
+from gptlab.serve.metrics import ServeMetrics
 from gptlab.serve.ops import Gate, access_log, exposure_warning
 from gptlab.serve.protocol import (
     APIError,
@@ -33,6 +37,7 @@ from gptlab.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ModerationRequest,
+    PredictRequest,
     TokenizeRequest,
 )
 
@@ -138,6 +143,54 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
     return app
 
 
+def create_predict_app(predictor: Predictor, cfg: ServeConfig) -> FastAPI:
+    """The API of a classifier or tagger checkpoint: POST /v1/predict (as `gptlab predict`), /health, /v1/models.
+
+    Request: {"model": optional, "input": "text" | ["text", ...] | [{"text"} or {"tokens": [...]}, ...]}.
+    Response: {"object": "list", "model", "task", "data": [one `gptlab predict` result per input]}.
+    """
+    app = FastAPI(title="gptlab", description=f"a gptlab {predictor.task} model")
+    app.add_exception_handler(APIError, lambda _, err: err.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    lock = threading.Lock()  # one model: requests take turns (each is already batched)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": cfg.model_name, "task": predictor.task}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gptlab", "task": predictor.task,
+                                            "labels": predictor.labels}]}
+
+    def run(req: PredictRequest) -> dict:
+        if req.model is not None and req.model != cfg.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist (this server has {cfg.model_name!r})",
+                           code="model_not_found", param="model")
+        inputs = [req.input] if isinstance(req.input, str) else req.input
+        if not inputs or len(inputs) > cfg.max_queue:
+            raise APIError(400, f"input must hold 1 to {cfg.max_queue} items, got {len(inputs)}",
+                           code="invalid_parameter", param="input")
+        items = [(f"input[{i}]", {"text": x} if isinstance(x, str) else x) for i, x in enumerate(inputs)]
+        try:
+            with lock:
+                data = predictor(predictor.parse(items))
+        except GptlabError as err:
+            raise APIError(400, str(err), code="invalid_parameter", param="input") from None
+        return {"object": "list", "model": cfg.model_name, "task": predictor.task, "data": data}
+
+    @app.post("/v1/predict")
+    async def predict(req: PredictRequest) -> dict:
+        return await run_in_threadpool(run, req)
+
+    # the same keys, hosts, rate limits, body limit and access log as the OpenAI API
+    app.add_middleware(Gate, ops=cfg.ops, max_body_bytes=cfg.limits.max_body_bytes, metrics=ServeMetrics(),
+                       routes={route.path for route in app.routes})
+    return app
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket (port 0 picks a free one); a busy port is a GptlabError before any model loads."""
     try:
@@ -153,8 +206,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
-    """Announce the URL as one JSON line on stdout, then serve until SIGTERM (exit 0 once drained) or Ctrl-C."""
+def serve(lm: LanguageModel | Predictor, cfg: ServeConfig, sock: socket.socket, log_level: str = "info") -> None:
+    """Announce the URL as one JSON line on stdout, then serve until SIGTERM (exit 0 once drained) or Ctrl-C
+    (a classifier or tagger gets the prediction API, a language model the OpenAI one)."""
     host, port = sock.getsockname()[:2]
     warning = exposure_warning(host, port, cfg.ops.api_keys)
     if warning:
@@ -164,12 +218,16 @@ def serve(lm: LanguageModel, cfg: ServeConfig, sock: socket.socket, log_level: s
     access_log.addHandler(handler)
     access_log.setLevel(log_level.upper())
     access_log.propagate = False
-    app = create_app(lm, cfg)
+    predictor = isinstance(lm, Predictor)
+    app = create_predict_app(lm, cfg) if predictor else create_app(lm, cfg)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(json.dumps({"url": url, "model": cfg.model_name, "max_batch_size": cfg.max_batch_size}), flush=True)
     # uvicorn's own grace period only backs ours up: by its end every request has had its answer or its error
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=cfg.drain_timeout + 5)
-    _DrainingServer(config, app.state.server.engine, cfg.drain_timeout).run(sockets=[sock])
+    if predictor:  # no engine to drain: each request is one call of the model
+        uvicorn.Server(config).run(sockets=[sock])
+    else:
+        _DrainingServer(config, app.state.server.engine, cfg.drain_timeout).run(sockets=[sock])
 
 
 class _DrainingServer(uvicorn.Server):

@@ -106,3 +106,10 @@ class ModerationRequest(BaseModel):  # POST /v1/moderations
         if isinstance(self.input, str):
             return [self.input]
         return [part.text if isinstance(part, TextPart) else part for part in self.input]
+
+
+class PredictRequest(BaseModel):
+    """POST /v1/predict of a classifier or tagger: one text, or a list of texts or `gptlab predict` records."""
+
+    model: str | None = None
+    input: str | list[str | dict[str, Any]]
