@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, tiny_model_config
+from tests.helpers import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("GPTLAB_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
@@ -85,4 +86,59 @@ def test_playground_shows_api_errors(server, browser):
     page.press("#input", "Enter")
     error = page.wait_for_selector(".msg.error", timeout=10_000)
     assert "invalid API key" in error.text_content()
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def short_context_server(tmp_path_factory):
+    """`gptlab serve` of a random-init model with GPT-2's tokenizer and a 256-token context: a reply of the
+    playground's default 128 tokens leaves no room for a second exchange without trimming."""
+    import torch
+
+    from gptlab import checkpoint
+    from gptlab.model import GPT
+    from gptlab.tokenizer import load
+
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(vocab_size=50257, block_size=256))
+    path = tmp_path_factory.mktemp("short-context") / "short-chat"
+    checkpoint.save(path / checkpoint.CKPT_NAME, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                                  "tokenizer": load("gpt2").to_dict(), "step": 0})
+    with ServerProcess(path, path.parent / "serve.log", "--threads", "1") as server:
+        yield server
+
+
+def test_playground_trims_history_to_the_context(short_context_server, browser):
+    """Five messages in a row to a 256-token model at 128 max tokens: five replies, the oldest turns left out
+    (with a note) as the conversation outgrows the context; then a message too long for the context fails
+    on its own and the next one gets its reply (a failed turn is not kept)."""
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(short_context_server.url + "/")
+    page.wait_for_selector("#model:has-text('context 256 tokens')", timeout=10_000)
+    assert page.input_value("#max-tokens") == "128"
+
+    def send(text: str, replies: int) -> None:
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        page.wait_for_function(f"document.querySelectorAll(\".msg.assistant[data-done='true']\").length == {replies}"
+                               " && !document.querySelector('.msg.assistant.streaming')", timeout=120_000)
+
+    for turn in range(1, 6):
+        send(f"Message number {turn}: tell me a story.", turn)
+    assert not page.query_selector(".msg.error")
+    replies = page.query_selector_all(".msg.assistant .text")
+    assert len(replies) == 5 and all(reply.text_content() for reply in replies)
+    notes = [note.text_content() for note in page.query_selector_all(".msg.note")]
+    assert notes and all("256-token context" in note for note in notes), notes
+    assert page.query_selector_all(".msg.user.dropped")  # left out, still shown
+
+    page.fill("#max-tokens", "16")
+    page.fill("#input", "word " * 400)
+    page.press("#input", "Enter")
+    error = page.wait_for_selector(".msg.error", timeout=30_000)
+    assert "does not fit the model's context of 256 tokens" in error.text_content()
+    send("And now a short one.", 6)
+    assert len(page.query_selector_all(".msg.error")) == 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground-trimmed.png"), full_page=True)
     page.close()
