@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.outputs import UMASK
 
 CKPT_NAME = "ckpt.safetensors"
 LEGACY_CKPT_NAME = "ckpt.pt"  # pickled checkpoints of earlier gptlab versions
@@ -40,8 +41,6 @@ LEGACY_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dty
 # JSON stand-ins for values JSON cannot hold: always an object with exactly one of these keys
 TENSOR, NDARRAY, TUPLE, DICT, FLOAT = "__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__"
 TAGS = {TENSOR, NDARRAY, TUPLE, DICT, FLOAT}
-UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
-os.umask(UMASK)
 
 
 class CheckpointError(GptlabError):

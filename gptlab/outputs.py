@@ -12,6 +12,9 @@ from pathlib import Path
 
 from gptlab.errors import GptlabError
 
+UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(UMASK)
+
 
 class OutputExistsError(GptlabError):
     """The output path of a command already holds something."""
@@ -29,12 +32,17 @@ def check_new_output(out: str | Path) -> Path:
 @contextlib.contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """A temporary directory beside `out` to write into; renamed to `out` when the block succeeds, removed
-    if it fails, so no reader sees a half-written directory. `out` may exist only as an empty directory."""
+    if it fails, so no reader sees a half-written directory. `out` may exist only as an empty directory.
+    What it holds gets the permissions of any file the user writes (the umask's), not mkdtemp's 0700 and the
+    0600 of files written through temporary files (safetensors)."""
     out = check_new_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

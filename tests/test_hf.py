@@ -1,6 +1,7 @@
 """Parity with Hugging Face GPT-2 on a randomly initialised transformers model (no download)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -138,3 +139,23 @@ def test_export_to_a_full_disk_is_one_error_and_leaves_nothing(hf_dir, tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"gptlab: error: cannot write {out / 'model.safetensors'}: File too large\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_convert_to_hf_writes_files_with_the_users_umask(hf_dir, tmp_path):
+    """The export is readable like any file the user writes: umask 022 gives a 0755 directory and 0644 files
+    (not mkdtemp's 0700 and the 0600 of safetensors' temporary file); umask 027 gives 0750 / 0640."""
+    import subprocess
+    import sys
+
+    model, tokenizer = hf.load_hf(hf_dir)
+    checkpoint.save(tmp_path / "model.safetensors", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                                     "tokenizer": tokenizer.to_dict(), "step": 0})
+    for umask, dir_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        out = tmp_path / f"export-{umask:o}"
+        result = subprocess.run([sys.executable, "-m", "gptlab", "convert", "--to-hf", str(tmp_path / "model.safetensors"),
+                                 "--out", str(out)], capture_output=True, text=True, timeout=300,
+                                preexec_fn=lambda umask=umask: os.umask(umask))
+        assert result.returncode == 0, result.stderr
+        assert out.stat().st_mode & 0o777 == dir_mode
+        files = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert "model.safetensors" in files and set(files.values()) == {file_mode}, files

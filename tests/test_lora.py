@@ -102,6 +102,7 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     assert not [p for p in tmp_path.iterdir() if "full" in p.name]  # no output, no temporary directory
     adapter_config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == sorted(ALL)
+    assert adapter_config["base_model_name_or_path"] == "../base"  # portable: relative to the adapter directory
     # blocks * rank * (in + out) of each adapted matrix, 64 wide
     assert exported["adapter_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
 

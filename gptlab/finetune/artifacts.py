@@ -56,8 +56,8 @@ def export_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     try:  # both parts appear together or not at all: a full disk leaves nothing behind
         with atomic_directory(out) as tmp:
             hf.save_hf(base, loaded.tokenizer, tmp / "base")
-            lora.save_peft_adapter(loaded.model.gpt, lora_config, tmp / "adapter",
-                                   base_model_path=(out / "base").resolve())
+            # the base as a path from the adapter directory: OUT still works after it is moved or copied
+            lora.save_peft_adapter(loaded.model.gpt, lora_config, tmp / "adapter", base_model_path="../base")
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot write {out}: {checkpoint.os_reason(err)}") from None
     except CheckpointError as err:  # save_hf's own: name the output, not the removed temporary directory
