@@ -7,13 +7,14 @@ Running a model to get its predictions is the fine-tuning tasks' job (gptlab.fin
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from gptlab.errors import require_package
 
 GENERATION_METRICS = ("exact_match", "chrf", "bleu", "rouge_l")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "majority_accuracy")  # the last: the baseline to beat
 TAGGING_METRICS = ("precision", "recall", "f1")
 
 
@@ -28,6 +29,13 @@ def require_metric_packages() -> None:
 def accuracy(predictions: Sequence[Any], references: Sequence[Any]) -> float:
     _check_lengths(predictions, references)
     return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def majority_accuracy(references: Sequence[Any]) -> float:
+    """The accuracy of always answering the most frequent reference label: what a classifier must beat."""
+    if not references:
+        raise ValueError("no references")
+    return max(Counter(references).values()) / len(references)
 
 
 def macro_f1(predictions: Sequence[Any], references: Sequence[Any]) -> float:

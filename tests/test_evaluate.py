@@ -12,6 +12,7 @@ def test_accuracy_and_macro_f1_by_hand():
     # pos: tp 2 fp 1 fn 1 -> 4/6; neg: tp 1 fp 2 fn 1 -> 2/5; neu: tp 0 fp 0 fn 1 -> 0
     assert evaluate.macro_f1(preds, refs) == pytest.approx((4 / 6 + 2 / 5 + 0) / 3)
     assert evaluate.macro_f1(refs, refs) == 1.0
+    assert evaluate.majority_accuracy(["a", "b", "a", "c"]) == 0.5
     with pytest.raises(ValueError, match="equally many"):
         evaluate.accuracy(["a"], ["a", "b"])
 

@@ -220,6 +220,9 @@ def test_lora_classifier_saves_only_adapters_and_eval_task_reproduces_it(tmp_pat
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["accuracy"] == pytest.approx(result["accuracy"])
     assert scores["loss"] == pytest.approx(result["val_loss"], rel=1e-4)
+    labels = [json.loads(line)["label"] for line in (sentiment_dir / "val.jsonl").read_text().splitlines()]
+    majority = max(labels.count(label) for label in set(labels)) / len(labels)  # the baseline, logged beside accuracy
+    assert scores["majority_accuracy"] == pytest.approx(majority) == pytest.approx(result["majority_accuracy"])
     with pytest.raises(checkpoint.CheckpointError, match="classifier"):
         load_gpt(tmp_path / "lora")
 

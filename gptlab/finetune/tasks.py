@@ -152,12 +152,14 @@ def classify_log_probs(model: FinetuneModel, examples: list[ClassifyExample], pa
 
 def classification_scores(model: FinetuneModel, examples: list[ClassifyExample], pad_id: int, batch_size: int,
                           precision: str = "fp32") -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of a classifier."""
+    """Accuracy, macro-F1 and mean cross-entropy of a classifier, beside the accuracy of always answering the
+    most frequent label (the baseline a classifier must beat)."""
     log_probs = classify_log_probs(model, examples, pad_id, batch_size, precision)
     predictions, references = log_probs.argmax(-1).tolist(), [e.label for e in examples]
     loss = -log_probs[torch.arange(len(examples)), torch.tensor(references)].mean().item()
     return {"loss": loss, "accuracy": evaluate.accuracy(predictions, references),
-            "macro_f1": evaluate.macro_f1(predictions, references)}
+            "macro_f1": evaluate.macro_f1(predictions, references),
+            "majority_accuracy": evaluate.majority_accuracy(references)}
 
 
 @torch.no_grad()
