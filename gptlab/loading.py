@@ -23,6 +23,7 @@ from gptlab.finetune.model import FinetuneModel, fingerprint, prepare_model
 from gptlab.model import GPT
 from gptlab.prompts import PromptStyle
 from gptlab.tokenizer import Tokenizer
+from gptlab.vision import VisionTower
 
 
 @dataclass
@@ -37,10 +38,15 @@ class Loaded:
         """The task: `classify` for a classifier, `sft` for every language model, fine-tuned or not."""
         return self.finetune["config"]["task"] if self.finetune else "sft"
 
+    @property
+    def vision(self) -> VisionTower | None:
+        """The image encoder + projector of a multimodal (`--task vqa`) run, None for a text-only model."""
+        return self.model.vision
+
     def gpt(self) -> GPT:
         """The plain language model with any LoRA update merged in: what generation, serving, conversion and
         `--init` work on."""
-        if self.task != "sft":
+        if self.task == "classify":
             raise CheckpointError("this is a classifier checkpoint: score it with `gptlab eval-task`")
         if lora.lora_layers(self.model.gpt):
             lora.merge_lora(self.model.gpt)

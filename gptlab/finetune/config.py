@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from gptlab import lora, prompts
 from gptlab.config import ConfigError, TrainConfig, load_yaml
+from gptlab.vision import VisionConfig
 
 # `gptlab finetune` defaults where they differ from pretraining's (a YAML file or flags override them)
 TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_size=16, lr=1e-3, min_lr=0.0,
@@ -19,7 +20,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_
 class FinetuneConfig:
     """What to adapt and how (the optimisation settings are the shared TrainConfig)."""
 
-    task: Literal["sft", "classify"] = "sft"
+    task: Literal["sft", "classify", "vqa"] = "sft"  # vqa: image + question -> answer (gptlab.vision)
     method: Literal["full", "lora", "freeze"] = "lora"
     train_layers: int = 1  # freeze: how many top blocks train (0: only the head)
     lora_rank: int = 8
@@ -31,10 +32,13 @@ class FinetuneConfig:
     eval_items: int = 500  # validation items scored at each evaluation (0: all)
     max_new_tokens: int = 64  # generation length cap when scoring SFT
     prompt_style: str = "instruction"  # sft: how conversations are rendered (gptlab.prompts); kept in the checkpoint
+    vision_encoder: str = "cnn"  # vqa: the image encoder trained with the model (gptlab.vision.encoder)
+    vision_width: int = 64  # vqa: the encoder's feature width
+    image_tokens: int = 16  # vqa: embeddings per image (a square number)
 
     def __post_init__(self) -> None:
-        if self.task not in ("sft", "classify"):
-            raise ConfigError(f"task must be sft or classify, got {self.task!r}")
+        if self.task not in ("sft", "classify", "vqa"):
+            raise ConfigError(f"task must be sft, classify or vqa, got {self.task!r}")
         if self.method not in ("full", "lora", "freeze"):
             raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
         for name in ("train_layers", "eval_items"):
@@ -47,6 +51,10 @@ class FinetuneConfig:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         prompts.get(self.prompt_style)
         self.lora_config()  # validates the LoRA settings early
+        self.vision_config()
+
+    def vision_config(self) -> VisionConfig:
+        return VisionConfig(encoder=self.vision_encoder, width=self.vision_width, image_tokens=self.image_tokens)
 
     def lora_config(self) -> lora.LoRAConfig:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())

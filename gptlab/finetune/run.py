@@ -13,9 +13,9 @@ from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import DataError
 from gptlab.device import select_device
 from gptlab.finetune.config import FinetuneConfig
-from gptlab.finetune.data import load_classify, load_sft
+from gptlab.finetune.data import load_classify, load_sft, load_vqa
 from gptlab.finetune.model import fingerprint, prepare_model
-from gptlab.finetune.tasks import classify_task, sft_task
+from gptlab.finetune.tasks import classify_task, sft_task, vqa_task
 from gptlab.model import GPT
 from gptlab.train import fit, resolve
 
@@ -49,6 +49,9 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     labels, style = None, prompts.get(ft.prompt_style)
     if ft.task == "sft":
         train, val = (load_sft(path, tokenizer, block, style, log) for path in (train_path, val_path))
+    elif ft.task == "vqa":
+        (train, train_pixels), (val, val_pixels) = (load_vqa(path, tokenizer, block, style, ft.vision_config(), log)
+                                                    for path in (train_path, val_path))
     else:
         train, labels = load_classify(train_path, tokenizer, block, log=log)
         val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
@@ -59,10 +62,12 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     val = val[: ft.eval_items] if ft.eval_items else val
     if ft.task == "sft":
         task = sft_task(train, val, tokenizer, style, cfg, block, ft.max_new_tokens)
+    elif ft.task == "vqa":
+        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens)
     else:
         task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
                         "finetune": {"config": ft.to_dict(), "base": base, "labels": labels},
-                        **({"prompt_style": style.name} if ft.task == "sft" else {})}
+                        **({"prompt_style": style.name} if ft.task in ("sft", "vqa") else {})}
     return fit(model, cfg, task, device, log)
 
