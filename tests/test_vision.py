@@ -27,7 +27,7 @@ from tests.helpers import ServerProcess
 from tests.test_playground import browser  # noqa: F401  (the headless Chromium fixture)
 
 # three images whose answers differ only by what is drawn: the text alone cannot tell them apart
-SHAPES = {"red": ("circle", (220, 30, 30)), "green": ("rectangle", (30, 180, 30)), "blue": ("triangle", (30, 30, 220))}
+SHAPES = {"yellow": ("circle", (230, 210, 20)), "green": ("rectangle", (30, 180, 30)), "blue": ("triangle", (30, 30, 220))}
 COLOR_Q, SHAPE_Q = "what color is the shape?", "what shape is in the image?"
 
 
@@ -60,9 +60,9 @@ def vqa_run(tmp_path_factory, tiny_pretrained, vqa_data):
     """The tiny pretrained LM with a small CNN tower, fully fine-tuned until it has learnt the six answers."""
     out = tmp_path_factory.mktemp("vqa-run") / "run"
     cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(vqa_data), out=str(out),
-                                              max_steps=60, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=60,
-                                              ckpt_interval=60, precision="fp32"),
-                                   dict(task="vqa", method="full", vision_width=16, image_tokens=4, max_new_tokens=4))
+                                              max_steps=150, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=150,
+                                              ckpt_interval=150, precision="fp32"),
+                                   dict(task="vqa", method="full", vision_width=32, image_tokens=4, max_new_tokens=8))
     result = finetune(cfg, ft, log=lambda _: None)
     assert result["accuracy"] == 1.0, result
     return out
@@ -108,9 +108,9 @@ def test_the_trained_model_answers_from_the_image(lm, vqa_data):
     """Same question, different images, different (correct) answers; blank images lose the answers."""
     for color, (shape, _) in SHAPES.items():
         path = vqa_data / "images" / f"{color}.png"
-        assert lm.generate(_prompt(lm, COLOR_Q), images=[path], temperature=0, max_new_tokens=4) == [color]
-        assert lm.generate(_prompt(lm, SHAPE_Q), images=[path.read_bytes()], temperature=0, max_new_tokens=4) == [shape]
-    blank = [lm.generate(_prompt(lm, COLOR_Q), images=[torch.zeros(3, 64, 64)], temperature=0, max_new_tokens=4)[0]]
+        assert lm.generate(_prompt(lm, COLOR_Q), images=[path], temperature=0, max_new_tokens=8) == [color]
+        assert lm.generate(_prompt(lm, SHAPE_Q), images=[path.read_bytes()], temperature=0, max_new_tokens=8) == [shape]
+    blank = [lm.generate(_prompt(lm, COLOR_Q), images=[torch.zeros(3, 64, 64)], temperature=0, max_new_tokens=8)[0]]
     assert len(set(blank)) == 1  # one image-less answer, whatever it is
 
 
@@ -121,24 +121,24 @@ def test_batched_image_decoding_equals_one_by_one_and_streaming(lm, vqa_data):
             prompts.append(_prompt(lm, question))
             images.append([vqa_data / "images" / f"{color}.png"])
     lm.max_batch = 8
-    batched = lm.generate(prompts, images=images, temperature=0, max_new_tokens=4)
-    alone = [lm.generate(p, images=i, temperature=0, max_new_tokens=4)[0] for p, i in zip(prompts, images, strict=True)]
-    streamed = ["".join(lm.stream(p, images=i, temperature=0, max_new_tokens=4)) for p, i in zip(prompts, images,
+    batched = lm.generate(prompts, images=images, temperature=0, max_new_tokens=8)
+    alone = [lm.generate(p, images=i, temperature=0, max_new_tokens=8)[0] for p, i in zip(prompts, images, strict=True)]
+    streamed = ["".join(lm.stream(p, images=i, temperature=0, max_new_tokens=8)) for p, i in zip(prompts, images,
                                                                                                 strict=True)]
     assert batched == alone == streamed
     assert sorted(set(batched)) == sorted([*SHAPES, *(s for s, _ in SHAPES.values())])
 
 
 def test_eval_task_scores_exact_match_by_question_type(vqa_run, vqa_data):
-    scores = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=4, log=lambda _: None)
+    scores = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None)
     assert scores["items"] == 6 and scores["accuracy"] == scores["accuracy_color"] == scores["accuracy_shape"] == 1.0
-    blank = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=4, log=lambda _: None, blank_images=True)
+    blank = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None, blank_images=True)
     assert blank["accuracy_color"] <= 1 / 3  # one answer for all three colours: at most one right
 
 
 def test_the_checkpoint_holds_the_vision_tower(vqa_run):
     loaded = loading.load(vqa_run)
-    assert loaded.task == "vqa" and loaded.vision.config == VisionConfig(width=16, image_tokens=4)
+    assert loaded.task == "vqa" and loaded.vision.config == VisionConfig(width=32, image_tokens=4)
 
 
 def test_bad_images_are_clear_errors(lm, vqa_run, tmp_path):
@@ -175,19 +175,19 @@ def vqa_server(vqa_run, tmp_path_factory):
 def test_serve_answers_an_inline_image_through_the_openai_client(vqa_server, vqa_data):
     client = openai.OpenAI(base_url=vqa_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
     for color in SHAPES:
-        out = client.chat.completions.create(model="run", temperature=0, max_tokens=4, messages=[{
+        out = client.chat.completions.create(model="run", temperature=0, max_tokens=8, messages=[{
             "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(vqa_data / "images" / f"{color}.png")}},
                                         {"type": "text", "text": COLOR_Q}]}])
         assert out.choices[0].message.content == color
     with pytest.raises(openai.BadRequestError, match="only inline images are accepted") as err:
-        client.chat.completions.create(model="run", max_tokens=4, messages=[{"role": "user", "content": [
+        client.chat.completions.create(model="run", max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/shape.png"}}, {"type": "text", "text": "x"}]}])
     assert err.value.status_code == 400
     with pytest.raises(openai.BadRequestError, match="not a readable image"):
-        client.chat.completions.create(model="run", max_tokens=4, messages=[{"role": "user", "content": [
+        client.chat.completions.create(model="run", max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}])
     # still serving after the bad requests
-    out = client.chat.completions.create(model="run", temperature=0, max_tokens=4, messages=[{"role": "user", "content": [
+    out = client.chat.completions.create(model="run", temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": _data_url(vqa_data / "images" / "blue.png")}},
         {"type": "text", "text": SHAPE_Q}]}])
     assert out.choices[0].message.content == "triangle"
@@ -198,7 +198,7 @@ def test_playground_attaches_an_image_and_shows_the_answer(vqa_server, vqa_data,
     page.goto(vqa_server.url + "/")
     page.wait_for_selector("#model:has-text('model: run')", timeout=10_000)
     page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
-    page.fill("#max-tokens", "4")
+    page.fill("#max-tokens", "8")
     page.set_input_files("#image", str(vqa_data / "images" / "green.png"))
     page.wait_for_selector("#attached img[src^='data:image/png;base64,']", timeout=10_000)
     page.fill("#input", COLOR_Q)
