@@ -70,6 +70,8 @@ def load_image(source: bytes | str | Path, size: int) -> torch.Tensor:
                 raise ImageError(f"{name}: unsupported image mode {image.mode} (use one of {', '.join(MODES)})")
             image.load()
             rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+    except ImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"{name} is not a readable image ({type(err).__name__})") from None
     return pixels_of(rgb)
