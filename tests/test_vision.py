@@ -196,11 +196,11 @@ def test_serve_answers_an_inline_image_through_the_openai_client(vqa_server, vqa
 def test_playground_attaches_an_image_and_shows_the_answer(vqa_server, vqa_data, browser):  # noqa: F811
     page = browser.new_page(viewport={"width": 1100, "height": 640})
     page.goto(vqa_server.url + "/")
-    page.wait_for_selector("#model:has-text('model: run')", timeout=10_000)
+    page.wait_for_selector("#model:has-text('model: run')", timeout=60_000)  # a loaded machine is slow
     page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
     page.fill("#max-tokens", "8")
     page.set_input_files("#image", str(vqa_data / "images" / "green.png"))
-    page.wait_for_selector("#attached img[src^='data:image/png;base64,']", timeout=10_000)
+    page.wait_for_selector("#attached img[src^='data:image/png;base64,']", timeout=30_000)
     page.fill("#input", COLOR_Q)
     page.press("#input", "Enter")
     reply = page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
