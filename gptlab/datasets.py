@@ -16,6 +16,7 @@ import gzip
 import json
 import random
 import re
+import shutil
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -50,15 +51,18 @@ class Source:
     task: str
     percent: tuple[int, int]  # (val, test) share of the hashed groups
     items: Callable[[Counter], Iterator[tuple[str, Record]]]  # yields (group key, record); counts what it skips
+    split: Callable[[str], str] | None = None  # group -> split when the source fixes its own (default: hashed)
+    files: Callable[[Path], int] | None = None  # writes the files the records name (images) under DIR; -> count
 
 
 SOURCES: dict[str, Source] = {}  # name -> source, filled by @source below each reader
 
 
-def source(name: str, description: str, licence: str, origin: str, task: str, percent: tuple[int, int]):
+def source(name: str, description: str, licence: str, origin: str, task: str, percent: tuple[int, int],
+           split: Callable[[str], str] | None = None, files: Callable[[Path], int] | None = None):
     """Register the decorated reader as dataset `name`."""
     def register(items: Callable[[Counter], Iterator[tuple[str, Record]]]):
-        SOURCES[name] = Source(description, licence, origin, task, percent, items)
+        SOURCES[name] = Source(description, licence, origin, task, percent, items, split, files)
         return items
     return register
 
@@ -400,6 +404,40 @@ def python_docstrings(skipped: Counter) -> Iterator[tuple[str, Record]]:
                            "output": summary}
 
 
+EASY_VQA = ("easy_vqa", "pip install easy-vqa", "easy-vqa")
+SHAPES, YES_NO = {"circle", "rectangle", "triangle"}, {"yes", "no"}
+
+
+def _easy_vqa_split(group: str) -> str:
+    """The package's test images stay the test split; a tenth of its training images (by image) is val."""
+    return "test" if group.startswith("test/") else split_of(group, (10, 0))
+
+
+def _easy_vqa_images(out: Path) -> int:
+    """Copy the package's 64x64 PNGs to DIR/images/{train,test}/ID.png."""
+    root = require_package(*EASY_VQA[:2], EASY_VQA[2]) / "data"
+    count = 0
+    for part in ("train", "test"):
+        (out / "images" / part).mkdir(parents=True)
+        for png in sorted((root / part / "images").glob("*.png")):
+            shutil.copyfile(png, out / "images" / part / png.name)
+            count += 1
+    return count
+
+
+@source("easy-vqa", "64x64 shape images with questions about shape, colour and presence (visual QA)", "MIT",
+        "easy-vqa (PyPI) data/{train,test}/questions.json and images/*.png", "vqa", (10, 0),
+        split=_easy_vqa_split, files=_easy_vqa_images)
+def easy_vqa(skipped: Counter) -> Iterator[tuple[str, Record]]:
+    """Each question about an image as an instruction with an <image> placeholder; its answer is one word."""
+    for part in ("train", "test"):
+        path = package_file(EASY_VQA[0], f"data/{part}/questions.json", EASY_VQA[1], EASY_VQA[2])
+        for question, answer, image_id in json.loads(path.read_text(encoding="utf-8")):
+            kind = "shape" if answer in SHAPES else "yes_no" if answer in YES_NO else "color"
+            yield f"{part}/{image_id}", {"instruction": f"<image>\n{question}", "output": answer,
+                                         "images": [f"images/{part}/{image_id}.png"], "type": kind}
+
+
 def split_of(group: str, percent: tuple[int, int]) -> str:
     bucket = zlib.crc32(group.encode("utf-8")) % 100
     val, test = percent
@@ -420,7 +458,7 @@ def build(name: str, out: str | Path | None = None) -> dict:
             corpus = stack.enter_context(open(tmp / "corpus.txt", "w", encoding="utf-8")) \
                 if source.task == "tag" else None
             for group, record in source.items(skipped):
-                split = split_of(group, source.percent)
+                split = source.split(group) if source.split else split_of(group, source.percent)
                 if split not in handles:
                     filename = f"{split}.txt" if source.task == "text" else f"{split}.jsonl"
                     handles[split] = stack.enter_context(open(tmp / filename, "w", encoding="utf-8"))
@@ -436,6 +474,6 @@ def build(name: str, out: str | Path | None = None) -> dict:
                     (tmp / f"{split}.jsonl").touch()
         meta = {"name": name, "task": source.task, "description": source.description, "licence": source.licence,
                 "source": source.origin, **{f"{split}_records": counts[split] for split in SPLITS},
-                "skipped": dict(skipped)}
+                "skipped": dict(skipped), **({"files": source.files(tmp)} if source.files else {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return meta

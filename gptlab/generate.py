@@ -40,6 +40,9 @@ from gptlab.prompts import PromptStyle
 from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.speculative import Draft, SpeculativeConfig, SpecUsage, load_speculation, verify
 from gptlab.tokenizer import Tokenizer
+from gptlab.vision import VisionTower, encode_prompt, load_image, splice
+
+Image = bytes | str | Path | torch.Tensor  # encoded bytes, a file, or pixels (3, S, S) in [0, 1]
 
 
 @dataclass
@@ -110,8 +113,9 @@ class _Sequence:
     """The state of one slot: its tokens, sampling state and text released so far."""
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int], vocab: int,
-                 device: torch.device) -> None:
+                 device: torch.device, embeds: torch.Tensor | None = None) -> None:
         self.prompt_len = len(prompt)
+        self.embeds = embeds  # the prompt's input embeddings when they are not just its tokens' (images)
         self.tokens = list(prompt)
         self.cfg = cfg
         self.stop_ids = stop_ids
@@ -190,21 +194,24 @@ class Decoder:
     def active(self) -> int:
         return len(self._slots) - self.free_slots
 
-    def add(self, prompt_ids: Sequence[int], cfg: SamplingConfig) -> int:
-        """Queue a prompt for generation; returns its slot id."""
+    def add(self, prompt_ids: Sequence[int], cfg: SamplingConfig, embeds: torch.Tensor | None = None) -> int:
+        """Queue a prompt for generation; returns its slot id. embeds: the prompt's (len, C) input embeddings
+        when they are not only its tokens' (image embeddings spliced in, see gptlab.vision)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise GptlabError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise GptlabError(f"prompt token ids must be in [0, {self.vocab_size})")
         check_context(len(prompt), cfg.max_new_tokens, self.cache.max_len)
+        if embeds is not None and embeds.shape != (len(prompt), self.model.config.n_embd):
+            raise ValueError(f"embeds must be ({len(prompt)}, {self.model.config.n_embd}), got {tuple(embeds.shape)}")
         if None not in self._slots:
             raise ValueError(f"no free slot: all {len(self._slots)} are generating")
         slot = self._slots.index(None)  # lowest first keeps the decode batch (rows 0..n-1) compact
         stop_ids = set(cfg.stop_token_ids)
         if not cfg.ignore_eos:
             stop_ids.add(self.tokenizer.eot_id)
-        self._slots[slot] = _Sequence(prompt, cfg, stop_ids, self.vocab_size, self.device)
+        self._slots[slot] = _Sequence(prompt, cfg, stop_ids, self.vocab_size, self.device, embeds)
         return slot
 
     def cancel(self, slot: int) -> None:
@@ -304,8 +311,15 @@ class Decoder:
             idx[row, : len(prompt)] = torch.tensor(prompt)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         rows = slice(new[0], new[-1] + 1) if new[-1] - new[0] == len(new) - 1 else torch.tensor(new, device=self.device)
-        logits = self.model.forward_cached(idx.to(self.device), self.cache, rows, [0] * len(new), prefill=True,
-                                           last=last)
+        idx = idx.to(self.device)
+        embeds = None
+        if any(self._slots[i].embeds is not None for i in new):  # images: their embeddings replace the slots'
+            embeds = self.model.transformer.wte(idx)
+            for row, i in enumerate(new):
+                if (seq_embeds := self._slots[i].embeds) is not None:
+                    embeds[row, : len(seq_embeds)] = seq_embeds.to(embeds.dtype)
+        logits = self.model.forward_cached(idx, self.cache, rows, [0] * len(new), prefill=True, last=last,
+                                           embeds=embeds)
         for i in new:
             self._slots[i].prefilled = True
         return self._sample(new, logits)
@@ -399,9 +413,10 @@ class Scheduler:
     def free_slots(self) -> int:
         return self.decoder.free_slots
 
-    def admit(self, request: Any, prompt_ids: Sequence[int], cfg: SamplingConfig) -> None:
+    def admit(self, request: Any, prompt_ids: Sequence[int], cfg: SamplingConfig,
+              embeds: torch.Tensor | None = None) -> None:
         """Start `request` in a free slot; a prompt that cannot run raises a GptlabError and takes none."""
-        self.running[self.decoder.add(prompt_ids, cfg)] = request
+        self.running[self.decoder.add(prompt_ids, cfg, embeds)] = request
 
     def cancel(self, request: Any) -> None:
         for slot, running in list(self.running.items()):
@@ -427,10 +442,11 @@ class Scheduler:
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs: list[SamplingConfig],
-             max_batch: int = 8, speculation: SpeculativeConfig | None = None) -> list[Completion]:
+             max_batch: int = 8, speculation: SpeculativeConfig | None = None,
+             embeds: Sequence[torch.Tensor | None] | None = None) -> list[Completion]:
     """Generate for every token prompt with its config, up to `max_batch` at a time with continuous batching:
     a finished sequence's slot goes to the next waiting prompt at once. Every prompt is checked against the
-    context before any work starts."""
+    context before any work starts. embeds: per prompt, its input embeddings if not only its tokens' (images)."""
     block = model.config.block_size
     for ids, cfg in zip(prompts, configs, strict=True):
         check_context(len(ids), cfg.max_new_tokens, block)
@@ -443,7 +459,7 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs
     while waiting or scheduler.running:
         while waiting and scheduler.free_slots:
             i = waiting.popleft()
-            scheduler.admit(i, prompts[i], configs[i])
+            scheduler.admit(i, prompts[i], configs[i], None if embeds is None else embeds[i])
         for i, event in scheduler.step():
             if event.finish_reason == "error":
                 raise SequenceError(f"generation for prompt {i} failed: its next-token distribution is not finite")
@@ -465,7 +481,7 @@ class LanguageModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | str = "cpu",
                  max_batch: int = 8, prompt_style: PromptStyle | None = None,
-                 speculation: SpeculativeConfig | None = None) -> None:
+                 speculation: SpeculativeConfig | None = None, vision: VisionTower | None = None) -> None:
         # on CPU: the layouts of the fastest matmul kernels, the fused decode step (gptlab.cpu)
         self.model = cpu.prepare_inference(model.to(device).eval())
         self.tokenizer = tokenizer
@@ -475,6 +491,8 @@ class LanguageModel:
         self.speculation = speculation  # every Decoder of this model speculates so (gptlab.speculative)
         if speculation is not None and speculation.draft is not None:
             cpu.prepare_inference(speculation.draft.to(device).eval())
+        # image encoder + projector of a multimodal run (gptlab finetune --task vqa); None: text only
+        self.vision = vision.to(device).eval() if vision is not None else None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", quantize: str | None = None,
@@ -510,7 +528,8 @@ class LanguageModel:
             for m in (model, speculation and speculation.draft):
                 if m is not None:
                     cpu.prepare_inference(m, quantize="int8")
-        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style, speculation=speculation)
+        return cls(model, loaded.tokenizer, device, prompt_style=loaded.prompt_style, speculation=speculation,
+                   vision=loaded.vision)
 
     def _encode(self, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -522,21 +541,62 @@ class LanguageModel:
             raise GptlabError("a prompt is empty (it encodes to no tokens)")
         return encoded
 
+    def load_images(self, images: Sequence[Image]) -> torch.Tensor:
+        """Pixels (n, 3, S, S) of the images, checked (gptlab.vision.images) and resized for this model."""
+        if self.vision is None:
+            raise GptlabError("this model takes no images: it has no vision encoder (train one with "
+                              "`gptlab finetune --task vqa`)")
+        size = self.vision.config.image_size
+        return torch.stack([image if isinstance(image, torch.Tensor) else load_image(image, size) for image in images])
+
+    @torch.inference_mode()
+    def image_prompt(self, prompt: str, images: Sequence[Image] | torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Token ids of a prompt with one `<image>` placeholder per image, and its input embeddings: the
+        tokens' with each image's embeddings at its placeholder (what `Decoder.add` takes as embeds)."""
+        pixels = images if isinstance(images, torch.Tensor) else self.load_images(images)
+        encoded = encode_prompt(prompt, self.tokenizer, self.vision.config.image_tokens, len(pixels))
+        if not encoded.ids:
+            raise GptlabError("the prompt is empty")
+        ids = torch.tensor(encoded.ids, device=self.device)
+        starts = torch.tensor(encoded.image_starts, device=self.device, dtype=torch.long)
+        embeds = splice(self.model.transformer.wte(ids)[None], self.vision(pixels.to(self.device)),
+                        torch.zeros_like(starts), starts)
+        return encoded.ids, embeds[0]
+
+    def _prepare(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 images: Sequence[Image] | Sequence[Sequence[Image]] | None,
+                 ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """Token prompts and, with images (a list for one prompt, a list per prompt for several), embeddings."""
+        if images is None:
+            return self._encode(prompts), None
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per_prompt = [images] if isinstance(prompts, str) else list(images)
+        if len(per_prompt) != len(texts) or not all(isinstance(t, str) for t in texts):
+            raise GptlabError("images: give one list of images per text prompt")
+        prepared = [self.image_prompt(text, imgs) for text, imgs in zip(texts, per_prompt, strict=True)]
+        return [ids for ids, _ in prepared], [embeds for _, embeds in prepared]
+
     def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 cfg: SamplingConfig | None = None) -> list[Completion]:
-        """Generate for every prompt (text or token ids), up to `max_batch` at a time."""
-        encoded = self._encode(prompts)
+                 cfg: SamplingConfig | None = None, images: Sequence[Image] | Sequence[Sequence[Image]] | None = None,
+                 ) -> list[Completion]:
+        """Generate for every prompt (text or token ids), up to `max_batch` at a time; `images` as in generate."""
+        encoded, embeds = self._prepare(prompts, images)
         return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch,
-                        self.speculation)
+                        self.speculation, embeds)
 
     def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
-                 **sampling) -> list[str]:
+                 images: Sequence[Image] | Sequence[Sequence[Image]] | None = None, **sampling) -> list[str]:
         """Continuations of each prompt (the prompt itself is not repeated).
+
+        images: for a multimodal model, the images of a prompt with one `<image>` placeholder per image
+        (a list per prompt when several prompts are given); they are embedded where their placeholders are.
 
         `sampling` takes the fields of SamplingConfig; num_beams > 1 runs beam search instead
         (it uses max_new_tokens, stop_token_ids and ignore_eos; not the sampling controls).
         """
         cfg = SamplingConfig(**sampling)
+        if num_beams > 1 and images is not None:
+            raise ConfigError("beam search takes no images: use num_beams=1")
         if num_beams > 1:
             eos = [*cfg.stop_token_ids, *([] if cfg.ignore_eos else [self.tokenizer.eot_id])]
             outputs = []
@@ -546,15 +606,15 @@ class LanguageModel:
             return outputs
         if num_beams < 1:
             raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
-        return [c.text for c in self.complete(prompts, cfg)]
+        return [c.text for c in self.complete(prompts, cfg, images)]
 
-    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], images: Sequence[Image] | None = None, **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
         cfg = SamplingConfig(**sampling)
-        (ids,) = self._encode([prompt])
+        (ids,), embeds = self._prepare(prompt if images is None else [prompt], None if images is None else [images])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
                           min(len(ids) + cfg.max_new_tokens, self.model.config.block_size), self.speculation)
-        decoder.add(ids, cfg)
+        decoder.add(ids, cfg, None if embeds is None else embeds[0])
         while True:
             for _, event in decoder.step_many():
                 if event.finish_reason == "error":

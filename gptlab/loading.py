@@ -23,6 +23,7 @@ from gptlab.finetune.model import FinetuneModel, fingerprint, prepare_model
 from gptlab.model import GPT
 from gptlab.prompts import PromptStyle
 from gptlab.tokenizer import Tokenizer
+from gptlab.vision import VisionTower
 
 
 @dataclass
@@ -37,10 +38,15 @@ class Loaded:
         """The task: `classify` for a classifier, `tag` for a tagger, `sft` for every language model."""
         return self.finetune["config"]["task"] if self.finetune else "sft"
 
+    @property
+    def vision(self) -> VisionTower | None:
+        """The image encoder + projector of a multimodal (`--task vqa`) run, None for a text-only model."""
+        return self.model.vision
+
     def gpt(self) -> GPT:
         """The plain language model with any LoRA update merged in: what generation, serving, conversion and
         `--init` work on."""
-        if self.task != "sft":
+        if self.task in ("classify", "tag"):
             raise CheckpointError(f"this is a {'tagger' if self.task == 'tag' else 'classifier'} checkpoint: "
                                   "apply it with `gptlab predict`, score it with `gptlab eval-task`")
         if lora.lora_layers(self.model.gpt):

@@ -228,14 +228,18 @@ class GPT(nn.Module):
         return self.sinusoid[positions]
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final-layer hidden states (B, T, C) for token ids (B, T) at `positions` (default 0..T-1)."""
+                      cache: KVCache | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer hidden states (B, T, C) for token ids (B, T) at `positions` (default 0..T-1).
+
+        embeds: (B, T, C) input embeddings used instead of looking up idx, the one seam for inputs that are
+        not tokens: gptlab.vision splices image features in at an image placeholder (LLaVA's design)."""
         T = idx.size(1)
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.block_size}")
         if positions is None:
             positions = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.position_embedding(positions))
+        tokens = self.transformer.wte(idx) if embeds is None else embeds
+        x = self.transformer.drop(tokens + self.position_embedding(positions))
         if cache is not None and self.decode_step is not None and (y := self.decode_step(x, cache)) is not None:
             return self.transformer.ln_f(y)
         for block in self.transformer.h:
@@ -246,26 +250,29 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],
-                       prefill: bool, last: torch.Tensor | None = None, every: bool = False) -> torch.Tensor:
+                       prefill: bool, last: torch.Tensor | None = None, every: bool = False,
+                       embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) of one token per row, reading and extending `cache` (see KVCache).
 
         idx: (B, T) new tokens; rows: their cache rows; starts: each row's first new position;
         prefill: the rows start empty; last: (B,) index in 0..T-1 of the token whose logits are
-        wanted (default: the last). Only those B positions go through the LM head, the largest matmul.
+        wanted (default: the last); embeds: input embeddings instead of idx's (see hidden_states).
+        Only those B positions go through the LM head, the largest matmul.
         every: the logits (B, T, vocab) of every new token instead (speculative decoding checks them all).
         """
         positions = cache.plan(rows, starts, idx.size(1), prefill)
-        x = self.hidden_states(idx, positions, cache)
+        x = self.hidden_states(idx, positions, cache, embeds)
         if every:
             return self.lm_head(x)
         x = x[:, -1] if last is None else x[torch.arange(x.size(0), device=x.device), last]
         return self.lm_head(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Without targets: (logits (B, T, vocab), None). With targets (-100 = ignore): (None, mean
-        cross-entropy), computed chunk by chunk so the (B*T, vocab) logits never exist at once."""
-        x = self.hidden_states(idx)
+        cross-entropy), computed chunk by chunk so the (B*T, vocab) logits never exist at once.
+        embeds: input embeddings instead of idx's (see hidden_states)."""
+        x = self.hidden_states(idx, embeds=embeds)
         if targets is None:
             return self.lm_head(x), None
         if not isinstance(self.lm_head, nn.Linear):  # int8 weights (gptlab.cpu): no matrix to chunk over

@@ -82,3 +82,17 @@ def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(OutputExistsError, match="already exists"):
         datasets.build("synthetic-dates", tmp_path / "dates")
     assert (tmp_path / "dates" / "train.jsonl").read_bytes() == before
+
+
+def test_easy_vqa_keeps_the_package_test_split_and_copies_its_images(built):
+    directory, meta = built["easy-vqa"]
+    splits = {s: _records(directory, s) for s in datasets.SPLITS}
+    # the package's 38,575 training questions (4,000 images) and 9,673 test questions (1,000 images)
+    assert len(splits["train"]) + len(splits["val"]) == 38_575 and len(splits["test"]) == 9_673
+    assert meta["files"] == 5_000 and meta["task"] == "vqa" and meta["licence"] == "MIT"
+    images = {s: {r["images"][0] for r in records} for s, records in splits.items()}
+    assert not (images["train"] & images["val"])  # val holds whole images, never one half of an image's questions
+    assert all(i.startswith("images/test/") for i in images["test"]) and len(images["test"]) == 1_000
+    assert all((directory / i).is_file() for s in images.values() for i in s)
+    assert {r["type"] for r in splits["test"]} == {"shape", "color", "yes_no"}
+    assert all(r["instruction"].startswith("<image>\n") and r["output"] for r in splits["train"][:100])

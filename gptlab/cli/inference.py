@@ -36,7 +36,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fail("speculative decoding (--draft, --prompt-lookup) does not combine with --num-beams")
     sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     cfg = SamplingConfig(**sampling)  # bad values fail before the model loads
+    if args.image and (len(args.prompt) > 1 or args.num_beams > 1):
+        fail("--image takes a single --prompt and no --num-beams")
     lm = _load(args)
+    if args.image:
+        _generate_with_images(lm, args.prompt[0], args.image, args.stream, sampling)
+        return
     if args.stream:
         print(args.prompt[0], end="", flush=True)
         for piece in lm.stream(args.prompt[0], **sampling):
@@ -52,6 +57,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
             args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
         )
     print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
+
+
+def _generate_with_images(lm, question: str, images: list[str], stream: bool, sampling: dict) -> None:
+    """A question about images, asked as a user message in the model's prompt style with the images first
+    (a prompt that already has <image> placeholders is used as it is); prints the answer."""
+    from gptlab.prompts import Message
+    from gptlab.vision import IMAGE_PLACEHOLDER
+
+    prompt = question
+    if IMAGE_PLACEHOLDER not in question:
+        prompt = lm.prompt_style.render([Message("user", f"{IMAGE_PLACEHOLDER}\n" * len(images) + question)])
+    if stream:
+        for piece in lm.stream(prompt, images=images, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return
+    print(lm.generate(prompt, images=images, **sampling)[0])
 
 
 def _report_speculation(method: str, completions: list) -> None:
@@ -191,6 +213,9 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image for a multimodal model (repeatable): the prompt is asked about it as a user "
+                        "message and only the answer is printed")
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"

@@ -149,6 +149,7 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
                 batch_size=args.batch_size,
                 device=args.device,
                 precision=args.precision,
+                blank_images=args.blank_images,
             )
         )
     )
@@ -230,7 +231,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     from gptlab.finetune.config import TRAIN_DEFAULTS, FinetuneConfig
 
     p = sub.add_parser(
-        "finetune", help="adapt a pretrained model to a task (sft | classify; full | lora | freeze)"
+        "finetune", help="adapt a pretrained model to a task (sft | classify | vqa; full | lora | freeze)"
     )
     p.add_argument("--config", help="YAML file of training and fine-tuning settings (flags override it)")
     add_config_flags(p, TrainConfig, TRAIN_DEFAULTS)
@@ -253,6 +254,8 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         default="auto",
         help="auto: bf16-mixed where the device runs bf16 natively, else fp32",
     )
+    p.add_argument("--blank-images", action="store_true",
+                   help="vqa: replace every image by zeros (what the questions alone give away)")
     p.set_defaults(func=cmd_eval_task)
 
     p = sub.add_parser("merge-lora", help="a full, self-contained checkpoint from a fine-tuning run")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from gptlab import lora, prompts
 from gptlab.config import ConfigError, TrainConfig, load_yaml
+from gptlab.vision import VisionConfig
 
 # `gptlab finetune` defaults where they differ from pretraining's (a YAML file or flags override them)
 TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_size=16, lr=1e-3, min_lr=0.0,
@@ -19,7 +20,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_
 class FinetuneConfig:
     """What to adapt and how (the optimisation settings are the shared TrainConfig)."""
 
-    task: Literal["sft", "classify", "tag"] = "sft"
+    task: Literal["sft", "classify", "tag", "vqa"] = "sft"  # vqa: image + question -> answer (gptlab.vision)
     method: Literal["full", "lora", "freeze"] = "lora"
     train_layers: int = 1  # freeze: how many top blocks train (0: only the head)
     lora_rank: int = 8
@@ -35,9 +36,13 @@ class FinetuneConfig:
     # before it); echo: the first token of the word in a second copy of the sentence, which sees it all
     tag_context: Literal["left", "echo"] = "echo"
 
+    vision_encoder: str = "cnn"  # vqa: the image encoder trained with the model (gptlab.vision.encoder)
+    vision_width: int = 64  # vqa: the encoder's feature width
+    image_tokens: int = 16  # vqa: embeddings per image (a square number)
+
     def __post_init__(self) -> None:
-        if self.task not in ("sft", "classify", "tag"):
-            raise ConfigError(f"task must be sft, classify or tag, got {self.task!r}")
+        if self.task not in ("sft", "classify", "tag", "vqa"):
+            raise ConfigError(f"task must be sft, classify, tag or vqa, got {self.task!r}")
         if self.tag_context not in ("left", "echo"):
             raise ConfigError(f"tag_context must be left or echo, got {self.tag_context!r}")
         if self.method not in ("full", "lora", "freeze"):
@@ -52,6 +57,10 @@ class FinetuneConfig:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         prompts.get(self.prompt_style)
         self.lora_config()  # validates the LoRA settings early
+        self.vision_config()
+
+    def vision_config(self) -> VisionConfig:
+        return VisionConfig(encoder=self.vision_encoder, width=self.vision_width, image_tokens=self.image_tokens)
 
     def lora_config(self) -> lora.LoRAConfig:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())

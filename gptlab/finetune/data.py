@@ -14,10 +14,13 @@ import torch
 from gptlab import distributed, prompts
 from gptlab.config import TrainConfig
 from gptlab.data import DataError
+from gptlab.errors import GptlabError
 from gptlab.model import IGNORE_INDEX
 from gptlab.prompts import Message, PromptStyle
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import draw_generator, grad_accum_steps
+from gptlab.vision import VisionConfig, encode_prompt, load_image
+from gptlab.vision.images import ImageError
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -122,6 +125,13 @@ class SFTExample:
 
 
 @dataclass
+class VQAExample(SFTExample):
+    images: list[int]  # rows of the split's pixel table, one per <image> placeholder of the prompt
+    image_starts: list[int]  # where each image's slots begin in ids (and prompt)
+    kind: str  # the record's question type ("type"), for accuracy by type
+
+
+@dataclass
 class ClassifyExample:
     ids: list[int]
     label: int
@@ -202,6 +212,57 @@ def load_sft(path: str | Path, tokenizer: Tokenizer, block_size: int, style: Pro
         examples.append(SFTExample(ids, trained, prompt, messages[-1].content))
     _report(path, len(examples), {f"longer than the {block_size}-token context (left out)": too_long}, log)
     return examples
+
+
+def load_vqa(path: str | Path, tokenizer: Tokenizer, block_size: int, style: PromptStyle, vision: VisionConfig,
+             log: Callable[[str], None] = print) -> tuple[list[VQAExample], torch.Tensor]:
+    """Encode records with images ({"instruction" with <image> placeholders, "output", "images": [paths
+    relative to the file], "type"?}) and read every image once; returns the examples and the pixel table
+    (images, 3, S, S) as uint8 that their `images` index."""
+    path = Path(path)
+    table: dict[Path, int] = {}
+    pixels: list[torch.Tensor] = []
+    examples, too_long = [], 0
+    for where, record in read_jsonl(path):
+        messages = sft_messages(record, where)
+        files = record.get("images")
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise DataError(f"{where}: 'images' must be a list of image paths (relative to the file)")
+        rows = []
+        for name in files:
+            file = (path.parent / name).resolve()
+            if file not in table:
+                try:
+                    pixels.append((load_image(file, vision.image_size) * 255).round().to(torch.uint8))
+                except ImageError as err:
+                    raise DataError(f"{where}: {err}") from None
+                table[file] = len(table)
+            rows.append(table[file])
+        try:
+            prompt = encode_prompt(style.render(messages[:-1]), tokenizer, vision.image_tokens, len(files))
+        except GptlabError as err:
+            raise DataError(f"{where}: {err}") from None
+        # the reply is encoded on its own, as PromptStyle.encode does: the prompt's tokens are what generation gets
+        reply = tokenizer.encode(messages[-1].content + style.reply_end) + ([tokenizer.eot_id] if style.reply_eot else [])
+        if len(prompt.ids) + len(reply) > block_size + 1:
+            too_long += 1
+            continue
+        examples.append(VQAExample(prompt.ids + reply, [False] * len(prompt.ids) + [True] * len(reply), prompt.ids,
+                                   messages[-1].content, rows, prompt.image_starts, str(record.get("type", "all"))))
+    _report(path, len(examples), {f"longer than the {block_size}-token context (left out)": too_long}, log)
+    return examples, torch.stack(pixels)
+
+
+def vqa_batch(examples: list[VQAExample], pixels: torch.Tensor, pad_id: int,
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """(inputs, targets, (pixels in [0, 1], row, first slot of each image)): what FinetuneModel takes."""
+    x, y = sft_batch(examples, pad_id)
+    index = [(row, image, start) for row, e in enumerate(examples) for image, start in zip(e.images, e.image_starts,
+                                                                                            strict=True)]
+    if not index:  # no images in this batch: the text alone
+        return x, y, None
+    rows, images, starts = (torch.tensor(column, dtype=torch.long) for column in zip(*index, strict=True))
+    return x, y, (pixels[images].float() / 255, rows, starts)
 
 
 def load_classify(path: str | Path, tokenizer: Tokenizer, block_size: int, labels: list[str] | None = None,

@@ -1,6 +1,6 @@
 """The model being fine-tuned: a GPT (possibly with LoRA layers) plus an optional classification or tagging
-head (a linear layer on the last real token's hidden state, or on every word's), and
-which of its parameters train under each method."""
+head (a linear layer on the last real token's hidden state, or on every word's) or vision tower (image encoder +
+projector), and which of its parameters train under each method."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gptlab import lora
 from gptlab.config import ConfigError
 from gptlab.finetune.config import FinetuneConfig
 from gptlab.model import GPT, IGNORE_INDEX, linear_cross_entropy
+from gptlab.vision import VisionConfig, VisionTower, splice
 
 
 class FinetuneModel(nn.Module):
@@ -20,9 +21,11 @@ class FinetuneModel(nn.Module):
     the base checkpoint, so adapter checkpoints stay small and load_state_dict expects just those keys.
     """
 
-    def __init__(self, gpt: GPT, num_labels: int = 0, partial_state: bool = False) -> None:
+    def __init__(self, gpt: GPT, num_labels: int = 0, partial_state: bool = False,
+                 vision: VisionConfig | None = None) -> None:
         super().__init__()
         self.gpt = gpt
+        self.vision = VisionTower(vision, gpt.config.n_embd) if vision is not None else None
         self.config = gpt.config
         self.partial_state = partial_state
         self.head = nn.Linear(gpt.config.n_embd, num_labels) if num_labels else None
@@ -31,8 +34,15 @@ class FinetuneModel(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.gpt(idx, targets)
+        """The GPT's (logits, loss); images = (pixels (I, 3, S, S), row (I,), first slot position (I,)) of
+        each image in the batch, embedded there by the vision tower."""
+        return self.gpt(idx, targets, embeds=None if images is None else self.embed(idx, *images))
+
+    def embed(self, idx: torch.Tensor, pixels: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, C) of idx with the images' embeddings at their slots (LLaVA's splice)."""
+        return splice(self.gpt.transformer.wte(idx), self.vision(pixels), rows, starts)
 
     def classify(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Label logits (B, labels) from the hidden state of each row's last real token."""
@@ -81,8 +91,10 @@ class FinetuneModel(nn.Module):
 
 
 def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool) -> FinetuneModel:
-    """Wrap `gpt` for the task and set what trains according to the method."""
-    model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state)
+    """Wrap `gpt` for the task and set what trains according to the method (a vision tower always trains:
+    `--method freeze --train-layers 0` is the frozen-LM recipe, LLaVA's first stage)."""
+    model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state,
+                          cfg.vision_config() if cfg.task == "vqa" else None)
     if cfg.method == "lora":
         lora.apply_lora(gpt, cfg.lora_config())
     elif cfg.method == "freeze":
@@ -95,6 +107,8 @@ def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, parti
         gpt.transformer.ln_f.requires_grad_(True)
     if model.head is not None:
         model.head.requires_grad_(True)
+    if model.vision is not None:
+        model.vision.requires_grad_(True)
     return model
 
 

@@ -13,9 +13,9 @@ from gptlab.config import ConfigError, TrainConfig
 from gptlab.data import DataError
 from gptlab.device import select_device
 from gptlab.finetune.config import FinetuneConfig
-from gptlab.finetune.data import load_classify, load_sft, load_tag
+from gptlab.finetune.data import load_classify, load_sft, load_tag, load_vqa
 from gptlab.finetune.model import fingerprint, prepare_model
-from gptlab.finetune.tasks import classify_task, sft_task, tag_task
+from gptlab.finetune.tasks import classify_task, sft_task, tag_task, vqa_task
 from gptlab.model import GPT
 from gptlab.train import fit, resolve
 
@@ -54,6 +54,9 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     elif ft.task == "tag":
         train, labels = load_tag(train_path, tokenizer, block, ft.tag_context, log=log)
         val, _ = load_tag(val_path, tokenizer, block, ft.tag_context, labels, log=log)
+    elif ft.task == "vqa":
+        (train, train_pixels), (val, val_pixels) = (load_vqa(path, tokenizer, block, style, ft.vision_config(), log)
+                                                    for path in (train_path, val_path))
     else:
         train, labels = load_classify(train_path, tokenizer, block, log=log)
         val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
@@ -66,10 +69,12 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
         task = sft_task(train, val, tokenizer, style, cfg, block, ft.max_new_tokens)
     elif ft.task == "tag":
         task = tag_task(train, val, tokenizer, labels, cfg, block)
+    elif ft.task == "vqa":
+        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens)
     else:
         task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
                         "finetune": {"config": ft.to_dict(), "base": base, "labels": labels},
-                        **({"prompt_style": style.name} if ft.task == "sft" else {})}
+                        **({"prompt_style": style.name} if ft.task in ("sft", "vqa") else {})}
     return fit(model, cfg, task, device, log)
 

@@ -19,15 +19,18 @@ from gptlab.finetune.data import (
     EpochSampler,
     SFTExample,
     TagExample,
+    VQAExample,
     classify_batch,
     in_batches,
     load_classify,
     load_sft,
     load_tag,
+    load_vqa,
     read_jsonl,
     sft_batch,
     sft_messages,
     tag_batch,
+    vqa_batch,
 )
 from gptlab.finetune.model import FinetuneModel
 from gptlab.generate import complete
@@ -97,6 +100,27 @@ def tag_task(train: list[TagExample], val: list[TagExample], tokenizer: Tokenize
                 metric_names=("val_loss", *evaluate.TAGGING_METRICS))
 
 
+def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAExample], val_pixels: torch.Tensor,
+             tokenizer: Tokenizer, style: PromptStyle, cfg: TrainConfig, block_size: int, max_new_tokens: int) -> Task:
+    """Visual question answering: the SFT loss on the answers of prompts with images, scored by exact match."""
+    sampler = EpochSampler(len(train), cfg, block_size)
+    pad = tokenizer.eot_id
+
+    def sample_batch(step: int, micro: int):
+        return vqa_batch([train[i] for i in sampler.indices(step, micro)], train_pixels, pad)
+
+    def loss(model: FinetuneModel, batch) -> torch.Tensor:
+        x, y, images = batch
+        return model(x, y, images)[1]
+
+    def evaluate_vqa(model: FinetuneModel) -> dict[str, float]:
+        scores = vqa_scores(model, val, val_pixels, tokenizer, style, max_new_tokens, cfg.batch_size)
+        return {"val_loss": vqa_loss(model, val, val_pixels, pad, cfg.batch_size, cfg.precision),
+                "accuracy": scores["accuracy"]}
+
+    return Task(sample_batch=sample_batch, evaluate=evaluate_vqa, loss=loss, metric_names=("val_loss", "accuracy"))
+
+
 # --- scoring ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def response_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int,
@@ -133,6 +157,57 @@ def generation_scores(model: FinetuneModel, examples: list[SFTExample], tokenize
         replies[i] = completion.text
     model.train(was_training)
     return evaluate.generation_metrics(replies, [e.reference for e in examples])
+
+
+@torch.no_grad()
+def vqa_loss(model: FinetuneModel, examples: list[VQAExample], pixels: torch.Tensor, pad_id: int, batch_size: int,
+             precision: str = "fp32") -> float:
+    """Mean cross-entropy per answer token."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nats, tokens = 0.0, 0
+    for chunk in in_batches(examples, batch_size):
+        x, y, images = vqa_batch(chunk, pixels, pad_id)
+        x, y = x.to(device), y.to(device)
+        images = None if images is None else tuple(t.to(device) for t in images)
+        with autocast(device, precision):
+            logits = model(x, None, images)[0]
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum").item()
+        tokens += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return nats / max(1, tokens)
+
+
+@torch.no_grad()
+def vqa_scores(model: FinetuneModel, examples: list[VQAExample], pixels: torch.Tensor, tokenizer: Tokenizer,
+               style: PromptStyle, max_new_tokens: int, batch_size: int, blank_images: bool = False,
+               ) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers (KV-cached, continuously batched, images spliced in as
+    embeddings), overall and per question type (`accuracy_<type>`). blank_images: every image replaced by
+    zeros, which measures what the question alone gives away."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    block = model.config.block_size
+    configs = [SamplingConfig(max_new_tokens=max(1, min(max_new_tokens, block - len(e.prompt))), temperature=0,
+                              stop=list(style.stop)) for e in examples]
+    embeds = []
+    for e in examples:
+        images = pixels[e.images].float().to(device) / 255
+        images = torch.zeros_like(images) if blank_images else images
+        idx = torch.tensor([e.prompt], device=device)
+        rows = torch.zeros(len(e.images), dtype=torch.long, device=device)
+        embeds.append(model.embed(idx, images, rows, torch.tensor(e.image_starts, device=device))[0])
+    completions = complete(model.gpt, tokenizer, [e.prompt for e in examples], configs, batch_size, embeds)
+    correct = [c.text.strip() == e.reference.strip() for c, e in zip(completions, examples, strict=True)]
+    scores = {"accuracy": sum(correct) / max(1, len(correct))}
+    for kind in sorted({e.kind for e in examples}):
+        hits = [ok for ok, e in zip(correct, examples, strict=True) if e.kind == kind]
+        scores[f"accuracy_{kind}"] = sum(hits) / len(hits)
+    model.train(was_training)
+    return scores
 
 
 @torch.no_grad()
@@ -222,7 +297,8 @@ def baseline_scores(data: str | Path, kind: str, max_items: int | None = None) -
 
 
 def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, max_new_tokens: int = 64,
-              batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print) -> dict[str, Any]:
+              batch_size: int = 32, device: str = "auto", precision: str = "auto", log=print,
+              blank_images: bool = False) -> dict[str, Any]:
     """`gptlab eval-task`: a checkpoint's task metrics on a JSONL file.
 
     A classifier checkpoint is scored on {"text","label"} records, a tagger on {"tokens","tags"} records
@@ -246,6 +322,13 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
         examples, _ = load_classify(data, tokenizer, block, loaded.finetune["labels"], log)
         examples = examples[:max_items] if max_items else examples
         scores = classification_scores(model, examples, pad, batch_size, precision)
+    elif loaded.task == "vqa":
+        vision = loaded.vision.config
+        examples, pixels = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
+        examples = examples[:max_items] if max_items else examples
+        scores = {"loss": vqa_loss(model, examples, pixels, pad, batch_size, precision),
+                  **vqa_scores(model, examples, pixels, tokenizer, loaded.prompt_style, max_new_tokens, batch_size,
+                               blank_images)}
     else:
         evaluate.require_metric_packages()
         examples = load_sft(data, tokenizer, block, loaded.prompt_style, log)

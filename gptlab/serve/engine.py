@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from fastapi import Request
 
 from gptlab.errors import GptlabError
@@ -44,6 +45,7 @@ class GenerationJob:
     cfg: SamplingConfig
     deliver: Callable[[TokenEvent | Exception], None]
     cancelled: bool = False
+    embeds: torch.Tensor | None = None  # the prompt's input embeddings when it holds images
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Engine:
                     self.stats.cancelled += 1
                     continue
                 try:
-                    self.scheduler.admit(seq, seq.prompt_ids, seq.cfg)
+                    self.scheduler.admit(seq, seq.prompt_ids, seq.cfg, seq.embeds)
                     self.stats.prompt_tokens += len(seq.prompt_ids)
                 except GptlabError as err:
                     seq.deliver(APIError(400, str(err)))
@@ -231,12 +233,15 @@ class Engine:
 class Run:
     """The sequences of one request, read on the event loop as (choice index, event) pairs."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], configs: list[SamplingConfig]) -> None:
-        """Choice i decodes prompts[i // len(configs)] with configs[i % len(configs)] (n choices per prompt)."""
+    def __init__(self, engine: Engine, prompts: list[list[int]], configs: list[SamplingConfig],
+                 embeds: list[torch.Tensor] | None = None) -> None:
+        """Choice i decodes prompts[i // len(configs)] with configs[i % len(configs)] (n choices per prompt);
+        embeds: per prompt, its input embeddings when it holds images."""
         loop = asyncio.get_running_loop()
         self.engine = engine
         self.queue: asyncio.Queue[tuple[int, TokenEvent | Exception]] = asyncio.Queue()
-        self.sequences = [GenerationJob(i, prompts[i // len(configs)], configs[i % len(configs)], self._deliver(loop, i))
+        self.sequences = [GenerationJob(i, prompts[i // len(configs)], configs[i % len(configs)], self._deliver(loop, i),
+                                        embeds=None if embeds is None else embeds[i // len(configs)])
                           for i in range(len(prompts) * len(configs))]
         self.unfinished = set(range(len(self.sequences)))
         self.watcher: asyncio.Task | None = None

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -25,6 +26,7 @@ from gptlab.serve.moderation import MODES, ModerationGate
 from gptlab.serve.ops import OpsConfig, parse_keys
 from gptlab.serve.protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingParams
 from gptlab.speculative import SpecUsage
+from gptlab.vision.images import decode_data_url
 
 
 @dataclass
@@ -113,6 +115,24 @@ class Handlers:
             return self.lm.prompt_style.prompt_ids(messages_from(dicts), self.tokenizer)
         except PromptError as err:
             raise APIError(400, str(err), param="messages") from None
+
+    async def chat_inputs(self, messages: list[ChatMessage]) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """The conversation's token ids and, when it holds images (inline data: URLs only), its input
+        embeddings with the images spliced in, computed on the engine thread."""
+        urls = [url for m in messages for url in m.image_urls()]
+        if not urls:
+            return [self.chat_ids(messages)], None
+        if self.lm.vision is None:
+            raise APIError(400, "this model takes no images: it has no vision encoder", param="messages")
+        dicts = [m.as_dict() for m in messages]
+        self.check_length("".join(m["content"] for m in dicts))
+        try:
+            pixels = self.lm.load_images([decode_data_url(url) for url in urls])
+            text = self.lm.prompt_style.render(messages_from(dicts))
+            ids, embeds = await self.engine.run(lambda: self.lm.image_prompt(text, pixels))
+        except GptlabError as err:  # not an image, too large, a remote URL, placeholders that do not match
+            raise APIError(400, str(err), param="messages") from None
+        return [ids], [embeds]
 
     def budget(self, prompts: list[list[int]], max_tokens: int | None) -> int:
         """Tokens to generate per choice: max_tokens, or (as OpenAI) what the context leaves after the longest
@@ -257,14 +277,14 @@ class Handlers:
         self.check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
-        prompts = [self.chat_ids(req.messages)]
         await self.moderation.check_input([m.as_dict()["content"] for m in req.messages], "messages")
+        prompts, embeds = await self.chat_inputs(req.messages)
         max_new_tokens = self.budget(prompts, req.max_completion_tokens or req.max_tokens)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         configs = self.configs(req, prompts, max_new_tokens, top_n, list(self.lm.prompt_style.stop))
         choices = [Choice() for _ in configs]
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        run = Run(self.engine, prompts, configs)
+        run = Run(self.engine, prompts, configs, embeds)
         run.start(request)
 
         def body(choice_list: list[dict], kind: str = "chat.completion") -> dict:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gptlab.vision import IMAGE_PLACEHOLDER
+
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -67,13 +69,30 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):  # OpenAI's image input; gptlab accepts inline data: URLs only (gptlab.vision.images)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
 
     def as_dict(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        """The message as text; each image part becomes an <image> placeholder and a line break where it stood
+        (LLaVA's layout: the image, then the text about it)."""
+        content = self.content if isinstance(self.content, str) else "".join(
+            p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER + "\n" for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content or []
+                                                        if isinstance(p, ImagePart)]
 
 
 class ChatRequest(SamplingParams):

@@ -1,0 +1,210 @@
+"""Multimodal GPT: images spliced into the token sequence, trained with `gptlab finetune --task vqa`, answered
+through the Python API, the CLI, a real `gptlab serve` with the openai client, and the playground."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import openai
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from gptlab import loading
+from gptlab.errors import GptlabError
+from gptlab.finetune.config import configs_from_sources
+from gptlab.finetune.run import finetune
+from gptlab.finetune.tasks import eval_task
+from gptlab.generate import LanguageModel
+from gptlab.model import GPT
+from gptlab.prompts import Message
+from gptlab.vision import ImageError, VisionConfig, VisionTower, load_image
+from gptlab.vision.images import MAX_PIXELS, decode_data_url
+from tests.conftest import run_cli, tiny_model_config
+from tests.helpers import ServerProcess
+from tests.test_playground import browser  # noqa: F401  (the headless Chromium fixture)
+
+# three images whose answers differ only by what is drawn: the text alone cannot tell them apart
+SHAPES = {"yellow": ("circle", (230, 210, 20)), "green": ("rectangle", (30, 180, 30)), "blue": ("triangle", (30, 30, 220))}
+COLOR_Q, SHAPE_Q = "what color is the shape?", "what shape is in the image?"
+
+
+def _draw(shape: str, rgb: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    {"circle": lambda: draw.ellipse((12, 12, 52, 52), fill=rgb),
+     "rectangle": lambda: draw.rectangle((10, 18, 54, 46), fill=rgb),
+     "triangle": lambda: draw.polygon([(32, 8), (56, 56), (8, 56)], fill=rgb)}[shape]()
+    return image
+
+
+@pytest.fixture(scope="module")
+def vqa_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa-data")
+    (root / "images").mkdir()
+    records = []
+    for color, (shape, rgb) in SHAPES.items():
+        _draw(shape, rgb).save(root / "images" / f"{color}.png")
+        for question, answer, kind in ((COLOR_Q, color, "color"), (SHAPE_Q, shape, "shape")):
+            records.append({"instruction": f"<image>\n{question}", "output": answer,
+                            "images": [f"images/{color}.png"], "type": kind})
+    for split in ("train", "val"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory, tiny_pretrained, vqa_data):
+    """The tiny pretrained LM with a small CNN tower, fully fine-tuned until it has learnt the six answers."""
+    out = tmp_path_factory.mktemp("vqa-run") / "run"
+    cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(vqa_data), out=str(out),
+                                              max_steps=150, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=150,
+                                              ckpt_interval=150, precision="fp32"),
+                                   dict(task="vqa", method="full", vision_width=32, image_tokens=4, max_new_tokens=8))
+    result = finetune(cfg, ft, log=lambda _: None)
+    assert result["accuracy"] == 1.0, result
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(vqa_run, one_torch_thread):
+    return LanguageModel.load(vqa_run)
+
+
+def _prompt(lm: LanguageModel, question: str) -> str:
+    return lm.prompt_style.render([Message("user", f"<image>\n{question}")])
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_input_embeddings_seam_equals_the_token_lookup():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config()).eval()
+    idx = torch.randint(0, 512, (2, 9))
+    logits, _ = model(idx)
+    same, _ = model(idx, embeds=model.transformer.wte(idx))
+    torch.testing.assert_close(same, logits)
+    spliced = model.transformer.wte(idx).clone()
+    spliced[0, 3] = 0  # an "image" vector changes that row's later positions only
+    other, _ = model(idx, embeds=spliced)
+    torch.testing.assert_close(other[1], logits[1])
+    torch.testing.assert_close(other[0, :3], logits[0, :3])
+    assert not torch.allclose(other[0, 3:], logits[0, 3:])
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "vit"])
+def test_vision_tower_gives_one_embedding_per_image_token(encoder):
+    tower = VisionTower(VisionConfig(encoder=encoder, width=32, image_tokens=16), n_embd=48)
+    assert tower(torch.rand(3, 3, 64, 64)).shape == (3, 16, 48)
+
+
+def test_the_trained_model_answers_from_the_image(lm, vqa_data):
+    """Same question, different images, different (correct) answers; blank images lose the answers."""
+    for color, (shape, _) in SHAPES.items():
+        path = vqa_data / "images" / f"{color}.png"
+        assert lm.generate(_prompt(lm, COLOR_Q), images=[path], temperature=0, max_new_tokens=8) == [color]
+        assert lm.generate(_prompt(lm, SHAPE_Q), images=[path.read_bytes()], temperature=0, max_new_tokens=8) == [shape]
+    blank = [lm.generate(_prompt(lm, COLOR_Q), images=[torch.zeros(3, 64, 64)], temperature=0, max_new_tokens=8)[0]]
+    assert len(set(blank)) == 1  # one image-less answer, whatever it is
+
+
+def test_batched_image_decoding_equals_one_by_one_and_streaming(lm, vqa_data):
+    prompts, images = [], []
+    for color in SHAPES:
+        for question in (COLOR_Q, SHAPE_Q):
+            prompts.append(_prompt(lm, question))
+            images.append([vqa_data / "images" / f"{color}.png"])
+    lm.max_batch = 8
+    batched = lm.generate(prompts, images=images, temperature=0, max_new_tokens=8)
+    alone = [lm.generate(p, images=i, temperature=0, max_new_tokens=8)[0] for p, i in zip(prompts, images, strict=True)]
+    streamed = ["".join(lm.stream(p, images=i, temperature=0, max_new_tokens=8)) for p, i in zip(prompts, images,
+                                                                                                strict=True)]
+    assert batched == alone == streamed
+    assert sorted(set(batched)) == sorted([*SHAPES, *(s for s, _ in SHAPES.values())])
+
+
+def test_eval_task_scores_exact_match_by_question_type(vqa_run, vqa_data):
+    scores = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None)
+    assert scores["items"] == 6 and scores["accuracy"] == scores["accuracy_color"] == scores["accuracy_shape"] == 1.0
+    blank = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None, blank_images=True)
+    assert blank["accuracy_color"] <= 1 / 3  # one answer for all three colours: at most one right
+
+
+def test_the_checkpoint_holds_the_vision_tower(vqa_run):
+    loaded = loading.load(vqa_run)
+    assert loaded.task == "vqa" and loaded.vision.config == VisionConfig(width=32, image_tokens=4)
+
+
+def test_bad_images_are_clear_errors(lm, vqa_run, tmp_path):
+    prompt = _prompt(lm, COLOR_Q)
+    with pytest.raises(ImageError, match="not a readable image"):
+        lm.generate(prompt, images=[b"this is not an image"])
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(_png(Image.new("L", (MAX_PIXELS // 1000 + 1, 1000))), 64)
+    with pytest.raises(ImageError, match="unsupported image mode CMYK"):
+        buffer = io.BytesIO()
+        Image.new("CMYK", (8, 8)).save(buffer, format="JPEG")
+        load_image(buffer.getvalue(), 64)
+    with pytest.raises(GptlabError, match="1 <image> placeholder"):
+        lm.generate(prompt, images=[_png(_draw("circle", (0, 0, 0)))] * 2)
+    with pytest.raises(ImageError, match="only inline images"):
+        decode_data_url("https://example.com/cat.png")
+    (tmp_path / "fake.png").write_text("hello")
+    result = run_cli("generate", "--ckpt", str(vqa_run), "--image", str(tmp_path / "fake.png"),
+                     "--prompt", COLOR_Q)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"gptlab: error: {tmp_path / 'fake.png'} is not a readable image (UnidentifiedImageError)"]
+
+
+def _data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def vqa_server(vqa_run, tmp_path_factory):
+    with ServerProcess(vqa_run, tmp_path_factory.mktemp("vqa-serve") / "serve.log", "--threads", "1") as server:
+        yield server
+
+
+def test_serve_answers_an_inline_image_through_the_openai_client(vqa_server, vqa_data):
+    client = openai.OpenAI(base_url=vqa_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    for color in SHAPES:
+        out = client.chat.completions.create(model="run", temperature=0, max_tokens=8, messages=[{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(vqa_data / "images" / f"{color}.png")}},
+                                        {"type": "text", "text": COLOR_Q}]}])
+        assert out.choices[0].message.content == color
+    with pytest.raises(openai.BadRequestError, match="only inline images are accepted") as err:
+        client.chat.completions.create(model="run", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/shape.png"}}, {"type": "text", "text": "x"}]}])
+    assert err.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="not a readable image"):
+        client.chat.completions.create(model="run", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}])
+    # still serving after the bad requests
+    out = client.chat.completions.create(model="run", temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(vqa_data / "images" / "blue.png")}},
+        {"type": "text", "text": SHAPE_Q}]}])
+    assert out.choices[0].message.content == "triangle"
+
+
+def test_playground_attaches_an_image_and_shows_the_answer(vqa_server, vqa_data, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1100, "height": 640})
+    page.goto(vqa_server.url + "/")
+    page.wait_for_selector("#model:has-text('model: run')", timeout=60_000)  # a loaded machine is slow
+    page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    page.fill("#max-tokens", "8")
+    page.set_input_files("#image", str(vqa_data / "images" / "green.png"))
+    page.wait_for_selector("#attached img[src^='data:image/png;base64,']", timeout=30_000)
+    page.fill("#input", COLOR_Q)
+    page.press("#input", "Enter")
+    reply = page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+    assert not page.query_selector(".msg.error")
+    assert page.query_selector(".msg.user img[src^='data:image/png;base64,']")
+    assert reply.query_selector(".text").text_content() == "green"
+    page.close()
