@@ -200,7 +200,7 @@ def vqa_scores(model: FinetuneModel, examples: list[VQAExample], pixels: torch.T
         idx = torch.tensor([e.prompt], device=device)
         rows = torch.zeros(len(e.images), dtype=torch.long, device=device)
         embeds.append(model.embed(idx, images, rows, torch.tensor(e.image_starts, device=device))[0])
-    completions = complete(model.gpt, tokenizer, [e.prompt for e in examples], configs, batch_size, embeds)
+    completions = complete(model.gpt, tokenizer, [e.prompt for e in examples], configs, batch_size, embeds=embeds)
     correct = [c.text.strip() == e.reference.strip() for c, e in zip(completions, examples, strict=True)]
     scores = {"accuracy": sum(correct) / max(1, len(correct))}
     for kind in sorted({e.kind for e in examples}):
