@@ -25,7 +25,7 @@ import torch
 from gptlab import hf
 from gptlab.data import SHAKESPEARE_VAL_PLAYS, shakespeare_documents
 from gptlab.eval.perplexity import Document, perplexity, windows
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 from gptlab.tokenizer import load as load_tokenizer
 

@@ -39,7 +39,7 @@ from gptlab import checkpoint, hf, loading
 from gptlab.cpu import kernels, prepare_inference
 from gptlab.cpu.layers import Int8Linear
 from gptlab.data import TokenData, prepare
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 from gptlab.sampling import SamplingConfig
 from gptlab.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptlab.config import GPTConfig, TrainConfig
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 
 __all__ = ["GPT", "GPTConfig", "LanguageModel", "TrainConfig", "load"]

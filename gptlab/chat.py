@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from gptlab.errors import ContextLengthError, GptlabError
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.prompts import messages_from
 from gptlab.sampling import SamplingConfig
 

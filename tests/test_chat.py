@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab.chat import ChatSession
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 from gptlab.prompts import STYLES, messages_from
 from gptlab.tokenizer import load

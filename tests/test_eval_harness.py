@@ -76,7 +76,7 @@ def test_harness_matches_lm_eval_hf_model(hf_gpt2, local_task, tmp_path):
 
     # and per request, in process (lm-eval's logged samples)
     from gptlab.eval import harness
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
 
     mine = harness.evaluate(LanguageModel.load(root / "converted.pt"), [TASK], str(local_task), batch_size=5,
                             log_samples=True)
@@ -94,7 +94,7 @@ def test_rolling_and_generation_requests(hf_gpt2):
     from lm_eval.api.instance import Instance
 
     from gptlab.eval import harness
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
 
     hf_model, root = hf_gpt2
     lm = LanguageModel.load(root / "converted.pt")

@@ -89,7 +89,7 @@ def test_cli_table_curve_and_dropped_demonstrations(hf_gpt2, capitals_task, tmp_
 def test_open_task_decodes_to_the_separator(hf_gpt2):
     """digit-permutation (exact match) on the shared decoding engine: the prediction ends at the separator."""
     _, root = hf_gpt2
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
 
     task = tasks.load("digit-permutation")
     lm = LanguageModel.load(root / "converted.pt")

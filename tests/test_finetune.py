@@ -26,7 +26,7 @@ from gptlab.finetune.data import (
 )
 from gptlab.finetune.model import FinetuneModel
 from gptlab.finetune.run import finetune
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.metrics import metric_fields
 from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.prompts import STYLES, Message

@@ -15,7 +15,8 @@ from gptlab.beam import beam_search
 from gptlab.cpu import layers, prepare_inference
 from gptlab.cpu.layers import CPULinear, Int8Linear
 from gptlab.errors import ContextLengthError
-from gptlab.generate import Decoder, LanguageModel, _Sequence, _TextReleaser, complete, prompt_logprobs
+from gptlab.generate import Decoder, _Sequence, _TextReleaser, complete, prompt_logprobs
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT, KVCache
 from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import load

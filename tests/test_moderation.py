@@ -143,7 +143,7 @@ def moderated(rude_model, tmp_path_factory):
 
 
 def test_the_model_swears_when_nothing_screens_it(rude_model, one_torch_thread):
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
 
     (text,) = LanguageModel.load(rude_model).generate([PROMPT], max_new_tokens=24, temperature=0)
     assert "fucking" in text

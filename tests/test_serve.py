@@ -13,7 +13,7 @@ import requests
 import torch
 
 from gptlab import cli
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.prompts import STYLES, messages_from
 from tests.conftest import API_KEY, load_gpt
 from tests.helpers import ServerProcess

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gptlab.config import ConfigError
-from gptlab.generate import Decoder, LanguageModel, SequenceError, TokenEvent
+from gptlab.generate import Decoder, SequenceError, TokenEvent
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 from gptlab.sampling import SamplingConfig
 from gptlab.serve.engine import Engine, GenerationJob

@@ -195,7 +195,7 @@ def test_predict_answers_as_the_model_generates_greedily(tiny_pretrained, capsys
     """A language model: the answer is greedy decoding of the prompt in the checkpoint's style, with its
     tokens' summed log-probability."""
     from gptlab import loading
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
     from gptlab.prompts import Message
     from gptlab.sampling import SamplingConfig
 

@@ -17,7 +17,7 @@ from gptlab.errors import GptlabError
 from gptlab.finetune.config import configs_from_sources
 from gptlab.finetune.run import finetune
 from gptlab.finetune.tasks import eval_task
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.model import GPT
 from gptlab.prompts import Message
 from gptlab.vision import ImageError, VisionConfig, VisionTower, load_image

@@ -93,7 +93,7 @@ def _report_speculation(method: str, completions: list) -> None:
 def _load(args: argparse.Namespace, loaded=None):
     """The model of --ckpt (or the `loaded` one) with the speculation its flags ask for (--draft,
     --prompt-lookup)."""
-    from gptlab.generate import LanguageModel
+    from gptlab.language_model import LanguageModel
 
     speculation = dict(
         draft=getattr(args, "draft", None),

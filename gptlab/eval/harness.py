@@ -16,7 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from gptlab.eval.tasks import TaskError
-from gptlab.generate import LanguageModel, complete
+from gptlab.generate import complete
+from gptlab.language_model import LanguageModel
 from gptlab.sampling import SamplingConfig
 from gptlab.scoring import continuation_request, score
 

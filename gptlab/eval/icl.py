@@ -27,7 +27,8 @@ from tqdm import tqdm
 from gptlab import evaluate
 from gptlab.eval import tasks
 from gptlab.eval.tasks import Task, TaskError
-from gptlab.generate import LanguageModel, complete
+from gptlab.generate import complete
+from gptlab.language_model import LanguageModel
 from gptlab.outputs import atomic_directory, check_new_output
 from gptlab.sampling import SamplingConfig
 from gptlab.scoring import continuation_request, score

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptlab.data import DataError, TokenData, list_text_files
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.scoring import score
 from gptlab.tokenizer import Tokenizer
 

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.errors import GptlabError
 from gptlab.finetune.predict import Predictor
-from gptlab.generate import LanguageModel
+from gptlab.language_model import LanguageModel
 from gptlab.serve.engine import ClientDisconnected, Engine
 from gptlab.serve.handlers import Handlers, ServeConfig
 from gptlab.serve.limits import LimitExceeded

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gptlab.config import ConfigError
 from gptlab.errors import ContextLengthError, GptlabError, check_context
-from gptlab.generate import Decoder, LanguageModel, prompt_logprobs
+from gptlab.generate import Decoder, prompt_logprobs
+from gptlab.language_model import LanguageModel
 from gptlab.moderation import SAFE_LABEL, Moderation, load_moderator
 from gptlab.prompts import PromptError, messages_from
 from gptlab.sampling import SamplingConfig
