@@ -26,12 +26,11 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from generate import timed_pair  # benchmarks/generate.py: alternating runs, medians
 
 from gptlab import cpu, hf, loading
 from gptlab.cpu import kernels
@@ -41,18 +40,6 @@ from gptlab.model import GPT
 from gptlab.sampling import SamplingConfig
 from gptlab.speculative import SpeculativeConfig, SpecUsage
 from gptlab.tokenizer import load as load_tokenizer
-
-
-def timed_pair(ours, peer, repeats: int):
-    times: tuple[list[float], list[float]] = ([], [])
-    results = [None, None]
-    for i in range(repeats + 1):
-        for j, fn in enumerate((ours, peer)):
-            start = time.perf_counter()
-            results[j] = fn()
-            if i:
-                times[j].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
 def synthetic_pair() -> tuple[GPT, GPT]:

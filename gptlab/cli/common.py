@@ -47,3 +47,18 @@ def add_config_flags(
 
 def config_flags(args: argparse.Namespace, config_class: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if f.name != "model"}
+
+
+def int_list(minimum: int, what: str) -> typing.Callable[[str], list[int]]:
+    """An argparse type for comma-separated integers, each at least `minimum` ("1,4,16")."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} (each >= {minimum}), got {text!r}")
+        return values
+
+    return parse

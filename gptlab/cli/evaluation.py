@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from gptlab.cli.common import int_list
+
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from gptlab.eval.perplexity import run
@@ -35,26 +37,6 @@ def cmd_harness(args: argparse.Namespace) -> None:
 
     print(json.dumps(run(args.ckpt, args.tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size),
                      default=str))
-
-
-def _shots(value: str) -> list[int]:
-    try:
-        shots = [int(k) for k in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of demonstrations, got {value!r}") from None
-    if any(k < 0 for k in shots):
-        raise argparse.ArgumentTypeError(f"numbers of demonstrations must be >= 0, got {value!r}")
-    return shots
-
-
-def _ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in text.split(",") if k.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return ks
 
 
 def cmd_eval_code(args: argparse.Namespace) -> None:
@@ -103,7 +85,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     e = esub.add_parser("icl", help="k-shot in-context learning: a metric against the number of demonstrations")
     e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     e.add_argument("--task", required=True, help="a built-in task (`gptlab eval tasks`) or a task YAML file")
-    e.add_argument("--shots", type=_shots, default=[0, 1, 2, 4, 8], help="comma-separated k (default: 0,1,2,4,8)")
+    e.add_argument("--shots", type=int_list(0, "numbers of demonstrations"), default=[0, 1, 2, 4, 8], help="comma-separated k (default: 0,1,2,4,8)")
     e.add_argument("--seeds", type=int, default=3, help="demonstration draws per k (default: 3)")
     e.add_argument("--limit", type=int, help="score only the first N queries")
     e.add_argument("--batch-size", type=int, default=16)
@@ -131,7 +113,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
                    help="score the tasks' canonical solutions, or `pass` bodies, instead (harness self-check)")
     e.add_argument("--tasks", default="humaneval", help="humaneval, or a JSONL file of HumanEval-format tasks")
     e.add_argument("--samples", type=int, default=1, help="completions per task (n)")
-    e.add_argument("-k", type=_ks, default=[1], help="comma-separated k of pass@k (each <= --samples)")
+    e.add_argument("-k", type=int_list(1, "positive integers"), default=[1], help="comma-separated k of pass@k (each <= --samples)")
     e.add_argument("--temperature", type=float, help="default: 0 (greedy) for one sample, 0.8 for several")
     e.add_argument("--top-p", type=float, default=0.95)
     e.add_argument("--max-new-tokens", type=int, default=256)

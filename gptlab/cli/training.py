@@ -8,7 +8,7 @@ import os
 import sys
 import typing
 
-from gptlab.cli.common import add_config_flags, config_flags, fail
+from gptlab.cli.common import add_config_flags, config_flags, fail, int_list
 from gptlab.config import TrainConfig
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
@@ -51,16 +51,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     shown = {k: v for k, v in meta.items() if k not in ("source", "canaries")}
     canaries = {"canaries": len(meta["canaries"])} if "canaries" in meta else {}
     print(json.dumps({"out": out, **shown, **canaries, **extra}))
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _without_nproc(argv: list[str]) -> list[str]:
     kept, skip = [], False
     for arg in argv:
@@ -205,7 +195,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
                    help="replace e-mails, phone numbers, IP addresses, card numbers and IBANs by <TYPE> placeholders")
     p.add_argument("--canaries", type=int, default=0, metavar="N",
                    help="insert N random secrets per repeat count into the training split (memorization audit)")
-    p.add_argument("--canary-repeats", type=_positive_ints, default=[1, 4, 16, 64], metavar="R,R,...",
+    p.add_argument("--canary-repeats", type=int_list(1, "positive integers"), default=[1, 4, 16, 64], metavar="R,R,...",
                    help="how often each group of canaries is inserted (default: 1,4,16,64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the canaries (default: 0)")
     p.set_defaults(func=cmd_prepare)

@@ -3,6 +3,7 @@ style for SFT), padded into batches, and drawn in seeded epochs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from gptlab.vision.images import ImageError
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(`file:line`, object) for each non-blank line; anything else is an error naming the file and line."""
+    """(`file:line`, object) for each non-blank line (of a gzip file too: `.gz`); anything else is an error
+    naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, "rb") as handle:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:

@@ -4,6 +4,7 @@ metrics logged at every evaluation and `gptlab eval-task`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,16 @@ from gptlab.tokenizer import Tokenizer
 from gptlab.train import Task
 
 
+def _sampler(train: list, cfg: TrainConfig, block_size: int, make_batch: Callable[[list], Any]) -> Callable:
+    """The training loop's sample_batch(step, micro): that micro-batch of the seeded epoch order, as tensors."""
+    sampler = EpochSampler(len(train), cfg, block_size)
+    return lambda step, micro: make_batch([train[i] for i in sampler.indices(step, micro)])
+
+
 def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenizer, style: PromptStyle,
              cfg: TrainConfig, block_size: int, max_new_tokens: int) -> Task:
-    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
-
-    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return sft_batch([train[i] for i in sampler.indices(step, micro)], pad)
+    sample_batch = _sampler(train, cfg, block_size, lambda items: sft_batch(items, pad))
 
     def evaluate_sft(model: FinetuneModel) -> dict[str, float]:
         return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision),
@@ -59,11 +63,8 @@ def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenize
 
 def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], tokenizer: Tokenizer,
                   cfg: TrainConfig, block_size: int, lm_weight: float = 0.0) -> Task:
-    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
-
-    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return classify_batch([train[i] for i in sampler.indices(step, micro)], pad)
+    sample_batch = _sampler(train, cfg, block_size, lambda items: classify_batch(items, pad))
 
     def loss(model: FinetuneModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, last, labels = batch
@@ -81,11 +82,8 @@ def classify_task(train: list[ClassifyExample], val: list[ClassifyExample], toke
 
 def tag_task(train: list[TagExample], val: list[TagExample], tokenizer: Tokenizer, labels: list[str],
              cfg: TrainConfig, block_size: int) -> Task:
-    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
-
-    def sample_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tag_batch([train[i] for i in sampler.indices(step, micro)], pad)
+    sample_batch = _sampler(train, cfg, block_size, lambda items: tag_batch(items, pad))
 
     def loss(model: FinetuneModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, positions, tags = batch
@@ -103,11 +101,8 @@ def tag_task(train: list[TagExample], val: list[TagExample], tokenizer: Tokenize
 def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAExample], val_pixels: torch.Tensor,
              tokenizer: Tokenizer, style: PromptStyle, cfg: TrainConfig, block_size: int, max_new_tokens: int) -> Task:
     """Visual question answering: the SFT loss on the answers of prompts with images, scored by exact match."""
-    sampler = EpochSampler(len(train), cfg, block_size)
     pad = tokenizer.eot_id
-
-    def sample_batch(step: int, micro: int):
-        return vqa_batch([train[i] for i in sampler.indices(step, micro)], train_pixels, pad)
+    sample_batch = _sampler(train, cfg, block_size, lambda items: vqa_batch(items, train_pixels, pad))
 
     def loss(model: FinetuneModel, batch) -> torch.Tensor:
         x, y, images = batch
@@ -115,7 +110,7 @@ def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAE
 
     def evaluate_vqa(model: FinetuneModel) -> dict[str, float]:
         scores = vqa_scores(model, val, val_pixels, tokenizer, style, max_new_tokens, cfg.batch_size)
-        return {"val_loss": vqa_loss(model, val, val_pixels, pad, cfg.batch_size, cfg.precision),
+        return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision, val_pixels),
                 "accuracy": scores["accuracy"]}
 
     return Task(sample_batch=sample_batch, evaluate=evaluate_vqa, loss=loss, metric_names=("val_loss", "accuracy"))
@@ -123,17 +118,24 @@ def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAE
 
 # --- scoring ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def response_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int,
-                  precision: str = "fp32") -> float:
-    """Mean cross-entropy per response token (the quantity SFT minimises)."""
+def response_loss(model: nn.Module, examples: list[SFTExample] | list[VQAExample], pad_id: int, batch_size: int,
+                  precision: str = "fp32", pixels: torch.Tensor | None = None) -> float:
+    """Mean cross-entropy per response token (the quantity SFT minimises); with `pixels`, of VQA examples
+    (answers to prompts with images)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nats, tokens = 0.0, 0
     for chunk in in_batches(examples, batch_size):
-        x, y = (t.to(device) for t in sft_batch(chunk, pad_id))
+        if pixels is None:
+            x, y = (t.to(device) for t in sft_batch(chunk, pad_id))
+            inputs = (x,)
+        else:
+            x, y, images = vqa_batch(chunk, pixels, pad_id)
+            x, y = x.to(device), y.to(device)
+            inputs = (x, None, None if images is None else tuple(t.to(device) for t in images))
         with autocast(device, precision):
-            logits = model(x)[0]
+            logits = model(*inputs)[0]
         nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction="sum").item()
         tokens += int((y != IGNORE_INDEX).sum())
@@ -157,27 +159,6 @@ def generation_scores(model: FinetuneModel, examples: list[SFTExample], tokenize
         replies[i] = completion.text
     model.train(was_training)
     return evaluate.generation_metrics(replies, [e.reference for e in examples])
-
-
-@torch.no_grad()
-def vqa_loss(model: FinetuneModel, examples: list[VQAExample], pixels: torch.Tensor, pad_id: int, batch_size: int,
-             precision: str = "fp32") -> float:
-    """Mean cross-entropy per answer token."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nats, tokens = 0.0, 0
-    for chunk in in_batches(examples, batch_size):
-        x, y, images = vqa_batch(chunk, pixels, pad_id)
-        x, y = x.to(device), y.to(device)
-        images = None if images is None else tuple(t.to(device) for t in images)
-        with autocast(device, precision):
-            logits = model(x, None, images)[0]
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum").item()
-        tokens += int((y != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return nats / max(1, tokens)
 
 
 @torch.no_grad()
@@ -326,7 +307,7 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
         vision = loaded.vision.config
         examples, pixels = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
         examples = examples[:max_items] if max_items else examples
-        scores = {"loss": vqa_loss(model, examples, pixels, pad, batch_size, precision),
+        scores = {"loss": response_loss(model, examples, pad, batch_size, precision, pixels),
                   **vqa_scores(model, examples, pixels, tokenizer, loaded.prompt_style, max_new_tokens, batch_size,
                                blank_images)}
     else:
