@@ -160,7 +160,7 @@ class LanguageModel:
     def stream(self, prompt: str | Sequence[int], images: Sequence[Image] | None = None, **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
         cfg = SamplingConfig(**sampling)
-        (ids,), embeds = self._prepare(prompt if images is None else [prompt], None if images is None else [images])
+        (ids,), embeds = self._prepare([prompt], None if images is None else [images])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
                           min(len(ids) + cfg.max_new_tokens, self.model.config.block_size), self.speculation)
         decoder.add(ids, cfg, None if embeds is None else embeds[0])
