@@ -112,7 +112,7 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/moderations")
     async def moderations(req: ModerationRequest) -> dict:
-        return await server.gate.moderations(req)
+        return await server.moderation.moderations(req)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
