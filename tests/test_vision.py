@@ -60,8 +60,8 @@ def vqa_run(tmp_path_factory, tiny_pretrained, vqa_data):
     """The tiny pretrained LM with a small CNN tower, fully fine-tuned until it has learnt the six answers."""
     out = tmp_path_factory.mktemp("vqa-run") / "run"
     cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(vqa_data), out=str(out),
-                                              max_steps=150, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=150,
-                                              ckpt_interval=150, precision="fp32"),
+                                              max_steps=300, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=300,
+                                              ckpt_interval=300, precision="fp32"),
                                    dict(task="vqa", method="full", vision_width=32, image_tokens=4, max_new_tokens=8))
     result = finetune(cfg, ft, log=lambda _: None)
     assert result["accuracy"] == 1.0, result
