@@ -35,7 +35,7 @@ demo: $(CORE)
 	$(BIN)/gptlab generate --ckpt runs/demo --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --seed 1
 
 lint: install
-	$(BIN)/ruff check gptlab tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
 test: lint

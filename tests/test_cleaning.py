@@ -86,7 +86,6 @@ def _documents(directory) -> list[str]:
 # Known bug (found by CI on 2026-12-03, not yet fixed): document names hold the file's full path, so the hashed
 # validation split depends on the temporary directory; when it picks only a planted duplicate, cleaning removes
 # it and prepare finds no validation document. Fix: choose the validation documents after cleaning.
-@pytest.mark.xfail(reason="the hashed val split can pick a duplicate that cleaning then removes", strict=False)
 def test_prepare_cleans_planted_items_and_leaves_the_corpus_untouched(corpus_dir, tmp_path):
     planted = tmp_path / "planted"
     shutil.copytree(corpus_dir, planted)

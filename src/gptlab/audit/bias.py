@@ -1,6 +1,6 @@
 """Counterfactual bias audit: `gptlab audit bias`.
 
-A template file (gptlab/audit/templates/bias_{en,zh}.json, or the user's own) lists attributes; each has
+A template file (src/gptlab/audit/templates/bias_{en,zh}.json, or the user's own) lists attributes; each has
 templates with a `{term}` and a `{group}` slot and pairs [term, stereotyped group, other group]. Every
 template x pair gives two sentences that differ only in the group; the model scores each by its
 log-likelihood (summed over the sentence's tokens, after <|endoftext|>). Per attribute the audit reports

@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
                                      "bootstrap 95% CI, share preferring the stereotype")
     b.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
     b.add_argument("--lang", choices=("en", "zh"), default="en", help="bundled template set (default: en)")
-    b.add_argument("--templates", help="a template file of your own (see gptlab/audit/templates/bias_en.json)")
+    b.add_argument("--templates", help="a template file of your own (see src/gptlab/audit/templates/bias_en.json)")
     b.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (default: 2000)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="directory for bias.json and bias.png")

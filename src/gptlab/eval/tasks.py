@@ -1,5 +1,5 @@
 """In-context-learning tasks: a small YAML (how a demonstration is written, the metric, where the examples
-come from) plus JSONL examples. The built-in tasks live in gptlab/eval/builtin/*.yaml.
+come from) plus JSONL examples. The built-in tasks live in src/gptlab/eval/builtin/*.yaml.
 
     name: sentiment-en
     instruction: ""                        # optional text before the demonstrations

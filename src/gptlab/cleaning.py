@@ -177,36 +177,41 @@ class CleanConfig:
 
 
 class Cleaner:
-    """`plan` reads the corpus once (which documents repeat earlier ones, how much PII there is, where the
-    canaries go); `apply` then gives the cleaned stream of (name, text) as often as it is asked for."""
+    """`plan` reads the corpus once (which documents repeat earlier ones, how much PII there is);
+    `place_canaries` says where the canaries go; `apply` then gives the cleaned stream of (name, text) as often as it is asked for."""
 
     def __init__(self, config: CleanConfig) -> None:
         self.config = config
         self.dropped: set[str] = set()
+        self.kept: list[tuple[int, str]] = []  # (position, name) of each document that is not a duplicate
         self.pii: collections.Counter = collections.Counter()
         self.duplicates: collections.Counter = collections.Counter()
         self.canaries = make_canaries(config.canaries, list(config.canary_repeats), config.seed) \
             if config.canaries else []
         self.insert_after: dict[int, list[tuple[str, str]]] = {}
 
-    def plan(self, documents, is_val) -> None:
-        """documents: iterable of (name, text); is_val(name): held-out documents get no canaries."""
+    def plan(self, documents) -> None:
+        """documents: iterable of (name, text). Records which repeat earlier ones and how much PII there is;
+        `kept` lists the names of the others in order."""
         dedup = Deduplicator(self.config.dedup) if self.config.dedup else None
-        train_positions = []
         for index, (name, text) in enumerate(documents):
             if dedup is not None and dedup.is_duplicate(name, text):
                 self.dropped.add(name)
                 continue
             if self.config.scrub_pii:
                 self.pii.update(scrub_pii(text)[1])
-            if not is_val(name):
-                train_positions.append(index)
+            self.kept.append((index, name))
         if dedup is not None:
             self.duplicates = dedup.removed
+
+    def place_canaries(self, is_val) -> None:
+        """Each canary copy goes after a random kept training document (is_val(name): held-out documents
+        get none), spread over the corpus."""
+        train_positions = [index for index, name in self.kept if not is_val(name)]
         rng = random.Random(self.config.seed + 1)
         copies = [(f"canary:{i}:{j}", c.text) for i, c in enumerate(self.canaries) for j in range(c.repeats)]
         rng.shuffle(copies)
-        for copy in copies:  # each copy after a random training document: spread over the corpus
+        for copy in copies:
             self.insert_after.setdefault(rng.choice(train_positions or [-1]), []).append(copy)
 
     def apply(self, documents):

