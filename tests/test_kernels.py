@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def test_first_use_builds_once_and_says_so(ops, tmp_path):
     library silently."""
     variant = ops.name.removeprefix("gptlab_cpu_")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    build_dir = tmp_path / f"gptlab_cpu_{variant}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    source_hash = hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest()[:12]
+    build_dir = tmp_path / (f"gptlab_cpu_{variant}-py{sys.version_info.major}{sys.version_info.minor}"
+                            f"-torch{torch.__version__}-{source_hash}")
     build_dir.mkdir()
     (build_dir / "lock").touch()  # what a build killed mid-way leaves
     code = f"from gptlab.cpu import kernels; assert kernels.load({variant!r}) is not None"

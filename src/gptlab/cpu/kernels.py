@@ -25,6 +25,7 @@ own kernels: same results, less speed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -91,9 +92,13 @@ def load(variant: str):
     try:
         from torch.utils import cpp_extension
 
-        # one build per variant, Python and torch version (the library links against both)
+        # one build per variant, Python and torch version (the library links against both) and source text,
+        # compiled from a copy inside the build directory: checkouts of the same source in other places share
+        # the build instead of recompiling it each time another of them loads it (ninja rebuilds on a new path)
+        source = SOURCE.read_bytes()
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-        build_dir = Path(root) / f"{name}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+        build_dir = Path(root) / (f"{name}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+                                  f"-{hashlib.sha256(source).hexdigest()[:12]}")
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
             print(f"gptlab: building the {variant} decoding kernels (once per machine, ~15-45 s)", file=sys.stderr)
@@ -104,7 +109,10 @@ def load(variant: str):
             # cpp_extension's own lock file outlives a build that was killed, and every later process
             # would wait for it forever; under our flock no other build runs, so one found here is stale
             (build_dir / "lock").unlink(missing_ok=True)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+            copy = build_dir / SOURCE.name
+            if not copy.exists() or copy.read_bytes() != source:
+                copy.write_bytes(source)
+            cpp_extension.load(name=name, sources=[str(copy)], build_directory=str(build_dir),
                                extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
                                is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
