@@ -17,7 +17,7 @@ from gptlab.cli import main
 from gptlab.config import ConfigError
 from gptlab.data import TokenData
 from gptlab.model import GPT, linear_cross_entropy
-from gptlab.train import Task, fit, grad_accum_steps, lr_at, pretrain
+from gptlab.train import Task, fit, grad_accum_steps, lr_at, make_optimizer, pretrain
 from tests.conftest import tiny_model_config, tiny_train_config
 
 # tiny models run fastest on one thread, and on a shared, loaded CPU every extra OpenMP thread waits for a
@@ -28,6 +28,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.csv") as handle:
         return [float(row["train_loss"]) for row in csv.DictReader(handle)]
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly(tmp_path):
+    cfg = tiny_train_config(tmp_path, tmp_path, max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4,
+                            lr_schedule="wsd")
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg) == lr_at(60, cfg) == pytest.approx(1e-3)  # stable until the last 40%
+    assert lr_at(80, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tmp_path):
+    model = GPT(tiny_model_config(tie_embeddings=False))
+    optimizers = make_optimizer(model, tiny_train_config(tmp_path, tmp_path, optimizer="muon"), torch.device("cpu"))
+    muon, adamw = optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    assert in_muon == {name for name, p in model.named_parameters() if p.dim() == 2 and ".h." in name}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_adamw == set(names.values()) - in_muon and "lm_head.weight" in in_adamw
 
 
 def test_schedule_warms_up_then_decays(tmp_path):
@@ -57,10 +78,18 @@ def _bytes_per_token(data_dir) -> float:
     return meta["val_bytes"] / meta["val_tokens"]
 
 
-def test_interrupt_then_resume_reproduces_losses_exactly(data_dir, tmp_path, monkeypatch):
-    """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more (dropout on, so RNG state matters too)."""
-    settings = dict(max_steps=20, ckpt_interval=10, model={"block_size": 32, "n_layer": 2, "n_head": 2,
-                                                           "n_embd": 32, "dropout": 0.1})
+FASTER_LEARNING = dict(optimizer="muon", lr_schedule="wsd")  # the training switches of the tiny-fast recipe
+FASTER_MODEL = {"pos_encoding": "rotary", "qk_norm": True, "activation": "relu2", "tie_embeddings": False}
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "faster-learning"])
+def test_interrupt_then_resume_reproduces_losses_exactly(data_dir, tmp_path, monkeypatch, recipe):
+    """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more (dropout on, so RNG state matters too); also
+    with Muon (two optimizers' states in the checkpoint), the wsd schedule and the past-GPT-2 model switches."""
+    model = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1}
+    settings = dict(max_steps=20, ckpt_interval=10, model=model)
+    if recipe == "faster-learning":
+        settings.update(FASTER_LEARNING, model={**model, **FASTER_MODEL})
     pretrain(tiny_train_config(data_dir, tmp_path / "straight", **settings), log=lambda _: None)
 
     real_sample = TokenData.sample_batch

@@ -27,10 +27,18 @@ Batch = Any  # whatever the task's loss function takes; (x, y) for language mode
 DEFAULT_TOKENIZER = "bpe:4096"  # what `gptlab prepare` trains for the bundled corpus
 
 
+WSD_DECAY = 0.4  # the share of the steps over which the "wsd" schedule decays (the last 40%)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    """Linear warmup to cfg.lr, then to cfg.min_lr at cfg.max_steps: a cosine ("cosine"), or, with "wsd"
+    (warmup-stable-decay: the trapezoid of modded-nanoGPT), constant until the last WSD_DECAY of the steps,
+    then linear."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        left = (cfg.max_steps - step) / max(1, WSD_DECAY * cfg.max_steps)
+        return cfg.min_lr + min(1.0, max(0.0, left)) * (cfg.lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
@@ -53,13 +61,48 @@ def draw_generator(seed: int, draw: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + draw)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm gains or other vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+class Optimizers:
+    """Several optimizers stepped as one, for parameters split between them (Muon's matrices, AdamW's rest).
+    It has what the loop, the loss scaler and torch.distributed.checkpoint's state-dict functions (which take
+    an iterable of optimizers) use: param_groups, step, zero_grad, iteration."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   ) -> torch.optim.Optimizer | Optimizers:
+    """AdamW with weight decay on matrices only (not biases, LayerNorm gains or other vectors). With
+    cfg.optimizer "muon", the blocks' matrices go to torch.optim.Muon instead (orthogonalised momentum,
+    Jordan et al. 2024) and the embeddings, the head and the vectors stay with AdamW; Muon scales its update
+    to AdamW's RMS ("match_rms_adamw"), so both follow the one learning-rate schedule."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     fused = device.type in ("cuda", "cpu")  # the fused kernel does all parameters in one pass
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    in_blocks = {id(p) for name, p in named if p.dim() == 2 and ".h." in f".{name}"}
+    muon = [p for _, p in named if cfg.optimizer == "muon" and id(p) in in_blocks]
+    rest = [p for _, p in named if not (cfg.optimizer == "muon" and id(p) in in_blocks)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if not muon:
+        return adamw
+    return Optimizers(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                       adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 def lm_loss(model: GPT, batch: Batch) -> torch.Tensor:
