@@ -17,7 +17,8 @@ from gptlab.cli import main
 from gptlab.config import ConfigError
 from gptlab.data import TokenData
 from gptlab.model import GPT, linear_cross_entropy
-from gptlab.train import Task, fit, grad_accum_steps, lr_at, make_optimizer, pretrain
+from gptlab.optim import Muon, make_optimizer, orthogonalize
+from gptlab.train import Task, fit, grad_accum_steps, lr_at, pretrain
 from tests.conftest import tiny_model_config, tiny_train_config
 
 # tiny models run fastest on one thread, and on a shared, loaded CPU every extra OpenMP thread waits for a
@@ -43,12 +44,34 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tmp_path):
     model = GPT(tiny_model_config(tie_embeddings=False))
     optimizers = make_optimizer(model, tiny_train_config(tmp_path, tmp_path, optimizer="muon"), torch.device("cpu"))
     muon, adamw = optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     assert in_muon == {name for name, p in model.named_parameters() if p.dim() == 2 and ".h." in name}
     in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
     assert in_adamw == set(names.values()) - in_muon and "lm_head.weight" in in_adamw
+
+
+def test_muon_computes_torchs_muon_update_and_orthogonalises_in_fp32():
+    """In bf16 our Muon takes torch.optim.Muon's steps (match_rms_adamw); in fp32 (CPUs without native bf16)
+    the same steps to bf16 precision, and the update's singular values land near 1."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(48, 32), [torch.randn(48, 32) for _ in range(3)]
+    results = {}
+    for name, make in [("torch", lambda p: torch.optim.Muon([p], lr=0.02, weight_decay=0.1,
+                                                           adjust_lr_fn="match_rms_adamw")),
+                       ("bf16", lambda p: Muon([p], lr=0.02, weight_decay=0.1, dtype=torch.bfloat16)),
+                       ("fp32", lambda p: Muon([p], lr=0.02, weight_decay=0.1))]:
+        param = torch.nn.Parameter(start.clone())
+        optimizer = make(param)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        results[name] = param.detach()
+    assert torch.equal(results["bf16"], results["torch"])
+    assert (results["fp32"] - results["torch"]).abs().max() < 0.02 * 0.2 * math.sqrt(48) * 0.05
+    singular = torch.linalg.svdvals(orthogonalize(torch.randn(64, 16)))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # the quintic's target band (not exactly 1)
 
 
 def test_schedule_warms_up_then_decays(tmp_path):

@@ -102,6 +102,12 @@ class GPTConfig:
         return cls(**values)
 
 
+FASTER_ARCHITECTURE: dict[str, Any] = dict(pos_encoding="rotary", qk_norm=True, activation="relu2", tie_embeddings=False)
+# training settings a preset brings, where the run leaves them unset (else PRESET_TRAINING_FALLBACK)
+PRESET_TRAINING: dict[str, dict[str, Any]] = {name: dict(optimizer="muon", lr_schedule="wsd")
+                                              for name in ("tiny-fast", "micro-fast")}
+PRESET_TRAINING_FALLBACK: dict[str, Any] = dict(optimizer="adamw", lr_schedule="cosine")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized so `gptlab train` with no arguments finishes on a 2-core CPU in under 10 minutes (DEFAULT_RUNS):
     # tiny where bf16 is native, micro (half the FLOPs per token) where the CPU trains in fp32
@@ -109,6 +115,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "gpt1": dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm_position="post",
                  dropout=0.1),
+    # the faster-learning recipe (docs/TRAINING.md): the same sizes past GPT-2's architecture; with it come
+    # Muon and the wsd schedule (PRESET_TRAINING), each of the six a switch of its own
+    "tiny-fast": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=192, **FASTER_ARCHITECTURE),
+    "micro-fast": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128, **FASTER_ARCHITECTURE),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
@@ -146,8 +156,9 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int | None = None
     weight_decay: float = 0.1
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
-    lr_schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, linear decay over the last 40%
+    # None: the preset's (PRESET_TRAINING), else adamw and cosine
+    optimizer: Literal["adamw", "muon"] | None = None  # muon: Muon for the blocks' matrices, AdamW for the rest
+    lr_schedule: Literal["cosine", "wsd"] | None = None  # wsd: warmup, constant, linear decay over the last 40%
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
@@ -189,6 +200,9 @@ class TrainConfig:
         _check(self.global_batch_tokens is None or (isinstance(self.global_batch_tokens, int)
                                                     and self.global_batch_tokens > 0),
                f"global_batch_tokens must be a positive integer, got {self.global_batch_tokens!r}")
+        recipe = {**PRESET_TRAINING_FALLBACK, **PRESET_TRAINING.get(self.preset or "", {})}
+        self.optimizer = self.optimizer or recipe["optimizer"]
+        self.lr_schedule = self.lr_schedule or recipe["lr_schedule"]
         _check(self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}")
         _check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
         _check(self.logger in ("csv", "tensorboard"), f"logger must be csv or tensorboard, got {self.logger!r}")

@@ -1,4 +1,4 @@
-"""One training loop for pretraining and fine-tuning: AdamW, warmup + cosine, accumulation from a global
+"""One training loop for pretraining and fine-tuning: AdamW (or Muon beside it), warmup + cosine (or wsd), accumulation from a global
 batch, clipping, mixed precision, torch.compile, activation checkpointing, data parallelism (DDP or
 FSDP2 under torchrun), periodic evaluation, metrics, atomic checkpoints and exact resume."""
 
@@ -21,6 +21,7 @@ from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
 from gptlab.model import GPT, Block
+from gptlab.optim import Optimizers, make_optimizer
 from gptlab.tokenizer import Tokenizer
 
 Batch = Any  # whatever the task's loss function takes; (x, y) for language modelling
@@ -60,49 +61,6 @@ def draw_generator(seed: int, draw: int) -> torch.Generator:
     the seed and the draw's number alone, so a resumed run, or another process, draws exactly the same."""
     return torch.Generator().manual_seed(seed * 1_000_003 + draw)
 
-
-class Optimizers:
-    """Several optimizers stepped as one, for parameters split between them (Muon's matrices, AdamW's rest).
-    It has what the loop, the loss scaler and torch.distributed.checkpoint's state-dict functions (which take
-    an iterable of optimizers) use: param_groups, step, zero_grad, iteration."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-
-    def __iter__(self):
-        return iter(self.optimizers)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                   ) -> torch.optim.Optimizer | Optimizers:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm gains or other vectors). With
-    cfg.optimizer "muon", the blocks' matrices go to torch.optim.Muon instead (orthogonalised momentum,
-    Jordan et al. 2024) and the embeddings, the head and the vectors stay with AdamW; Muon scales its update
-    to AdamW's RMS ("match_rms_adamw"), so both follow the one learning-rate schedule."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    fused = device.type in ("cuda", "cpu")  # the fused kernel does all parameters in one pass
-    in_blocks = {id(p) for name, p in named if p.dim() == 2 and ".h." in f".{name}"}
-    muon = [p for _, p in named if cfg.optimizer == "muon" and id(p) in in_blocks]
-    rest = [p for _, p in named if not (cfg.optimizer == "muon" and id(p) in in_blocks)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    if not muon:
-        return adamw
-    return Optimizers(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 def lm_loss(model: GPT, batch: Batch) -> torch.Tensor:
@@ -281,7 +239,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 "tokens_per_s": run_tokens / run_time if run_time else 0.0, "checkpoint": str(ckpt_path)}
 
 
-def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Optimizers,
             scaler: torch.amp.GradScaler, device: torch.device, world: distributed.World, log: Callable[[str], None],
             ) -> dict[str, Any]:
     """Restore weights, optimizer, loss scaler, RNG states and progress; every rank reads the file."""
