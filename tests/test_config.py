@@ -11,7 +11,8 @@ def test_presets_build_and_match_gpt2_sizes():
 
 
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.5),
-                                 dict(pos_encoding="rotary"), dict(vocab_size=-1),
+                                 dict(pos_encoding="alibi"), dict(pos_encoding="rotary", n_embd=36, n_head=4),
+                                 dict(activation="swish"), dict(vocab_size=-1),
                                  dict(n_embd=1 << 20, n_head=1)])
 def test_invalid_model_config_is_rejected(bad):
     with pytest.raises(ConfigError):
@@ -39,3 +40,16 @@ def test_yaml_then_flags(tmp_path):
     path.write_text("max_stepz: 3\n")
     with pytest.raises(ConfigError, match="max_stepz"):
         TrainConfig.from_sources(str(path))
+
+
+def test_fast_presets_bring_their_training_switches_and_flags_win():
+    cfg = TrainConfig(preset="micro-fast")
+    assert (cfg.optimizer, cfg.lr_schedule) == ("muon", "wsd")
+    assert cfg.model_config().departures_from_gpt2() == {"pos_encoding": "rotary", "qk_norm": True,
+                                                          "activation": "relu2", "tie_embeddings": False}
+    assert TrainConfig(preset="tiny-fast", optimizer="adamw").optimizer == "adamw"
+    plain = TrainConfig(preset="micro")
+    assert (plain.optimizer, plain.lr_schedule) == ("adamw", "cosine")
+    assert plain.model_config().departures_from_gpt2() == {}
+    with pytest.raises(ConfigError, match="optimizer must be adamw or muon"):
+        TrainConfig(optimizer="sgd")

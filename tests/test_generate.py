@@ -12,6 +12,7 @@ import torch
 
 from gptlab import checkpoint, hf
 from gptlab.beam import beam_search
+from gptlab.config import GPTConfig
 from gptlab.cpu import layers, prepare_inference
 from gptlab.cpu.layers import CPULinear, Int8Linear
 from gptlab.errors import ContextLengthError
@@ -87,7 +88,24 @@ def test_beam_search_matches_transformers(peer):
 # --- the KV cache ----------------------------------------------------------------------------------
 
 def test_cached_decoding_gives_the_full_forward_logits(peer):
-    _, model = peer
+    _check_cached_decoding(peer[1])
+
+
+def test_cached_decoding_gives_the_full_forward_logits_past_gpt2():
+    """The faster-learning switches (rotary positions, which a cached pass takes per row, QK-norm, ReLU^2, an
+    untied head) decode from the cache exactly as the full forward pass computes."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=128, n_layer=2, n_head=4, n_embd=64, pos_encoding="rotary",
+                          qk_norm=True, activation="relu2", tie_embeddings=False)).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # zero-initialised: every logit would tie
+    _check_cached_decoding(model)
+    # the CPU fast path keeps such a model on its own blocks (the fused decode kernel is GPT-2's)
+    prepared = prepare_inference(copy.deepcopy(model))
+    assert prepared.decode_step is None
+    _check_cached_decoding(prepared)
+
+
+def _check_cached_decoding(model: GPT) -> None:
     prompts = random_prompts([9, 4, 15], seed=3)
     continuations = random_prompts([6, 6, 6], seed=4)
     cache = KVCache(model.config, batch_size=4, max_len=32)

@@ -159,3 +159,22 @@ def test_convert_to_hf_writes_files_with_the_users_umask(hf_dir, tmp_path):
         assert out.stat().st_mode & 0o777 == dir_mode
         files = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
         assert "model.safetensors" in files and set(files.values()) == {file_mode}, files
+
+
+def test_convert_to_hf_refuses_a_model_past_gpt2_naming_what_differs(hf_dir, tmp_path):
+    """The faster-learning switches leave GPT-2's architecture: one clear line, exit 2, nothing written."""
+    from gptlab.config import GPTConfig
+    from gptlab.model import GPT
+    from tests.conftest import run_cli
+
+    _, tokenizer = hf.load_hf(hf_dir)
+    config = GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=4, n_embd=64, pos_encoding="rotary",
+                       activation="relu2")
+    model = GPT(config)
+    checkpoint.save(tmp_path / "model.safetensors", {"model": model.state_dict(), "model_config": config.to_dict(),
+                                                     "tokenizer": tokenizer.to_dict(), "step": 0})
+    result = run_cli("convert", "--to-hf", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "export"))
+    assert result.returncode == 2
+    assert result.stderr == ("gptlab: error: only GPT-2's architecture exports to HF GPT-2; this model has "
+                             "pos_encoding=rotary, activation=relu2\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

@@ -17,6 +17,7 @@ from gptlab.cli import main
 from gptlab.config import ConfigError
 from gptlab.data import TokenData
 from gptlab.model import GPT, linear_cross_entropy
+from gptlab.optim import Muon, make_optimizer, orthogonalize
 from gptlab.train import Task, fit, grad_accum_steps, lr_at, pretrain
 from tests.conftest import tiny_model_config, tiny_train_config
 
@@ -28,6 +29,49 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.csv") as handle:
         return [float(row["train_loss"]) for row in csv.DictReader(handle)]
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly(tmp_path):
+    cfg = tiny_train_config(tmp_path, tmp_path, max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4,
+                            lr_schedule="wsd")
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg) == lr_at(60, cfg) == pytest.approx(1e-3)  # stable until the last 40%
+    assert lr_at(80, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tmp_path):
+    model = GPT(tiny_model_config(tie_embeddings=False))
+    optimizers = make_optimizer(model, tiny_train_config(tmp_path, tmp_path, optimizer="muon"), torch.device("cpu"))
+    muon, adamw = optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    assert in_muon == {name for name, p in model.named_parameters() if p.dim() == 2 and ".h." in name}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_adamw == set(names.values()) - in_muon and "lm_head.weight" in in_adamw
+
+
+def test_muon_computes_torchs_muon_update_and_orthogonalises_in_fp32():
+    """In bf16 our Muon takes torch.optim.Muon's steps (match_rms_adamw); in fp32 (CPUs without native bf16)
+    the same steps to bf16 precision, and the update's singular values land near 1."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(48, 32), [torch.randn(48, 32) for _ in range(3)]
+    results = {}
+    for name, make in [("torch", lambda p: torch.optim.Muon([p], lr=0.02, weight_decay=0.1,
+                                                           adjust_lr_fn="match_rms_adamw")),
+                       ("bf16", lambda p: Muon([p], lr=0.02, weight_decay=0.1, dtype=torch.bfloat16)),
+                       ("fp32", lambda p: Muon([p], lr=0.02, weight_decay=0.1))]:
+        param = torch.nn.Parameter(start.clone())
+        optimizer = make(param)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        results[name] = param.detach()
+    assert torch.equal(results["bf16"], results["torch"])
+    assert (results["fp32"] - results["torch"]).abs().max() < 0.02 * 0.2 * math.sqrt(48) * 0.05
+    singular = torch.linalg.svdvals(orthogonalize(torch.randn(64, 16)))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # the quintic's target band (not exactly 1)
 
 
 def test_schedule_warms_up_then_decays(tmp_path):
@@ -57,10 +101,18 @@ def _bytes_per_token(data_dir) -> float:
     return meta["val_bytes"] / meta["val_tokens"]
 
 
-def test_interrupt_then_resume_reproduces_losses_exactly(data_dir, tmp_path, monkeypatch):
-    """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more (dropout on, so RNG state matters too)."""
-    settings = dict(max_steps=20, ckpt_interval=10, model={"block_size": 32, "n_layer": 2, "n_head": 2,
-                                                           "n_embd": 32, "dropout": 0.1})
+FASTER_LEARNING = dict(optimizer="muon", lr_schedule="wsd")  # the training switches of the tiny-fast recipe
+FASTER_MODEL = {"pos_encoding": "rotary", "qk_norm": True, "activation": "relu2", "tie_embeddings": False}
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "faster-learning"])
+def test_interrupt_then_resume_reproduces_losses_exactly(data_dir, tmp_path, monkeypatch, recipe):
+    """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more (dropout on, so RNG state matters too); also
+    with Muon (two optimizers' states in the checkpoint), the wsd schedule and the past-GPT-2 model switches."""
+    model = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1}
+    settings = dict(max_steps=20, ckpt_interval=10, model=model)
+    if recipe == "faster-learning":
+        settings.update(FASTER_LEARNING, model={**model, **FASTER_MODEL})
     pretrain(tiny_train_config(data_dir, tmp_path / "straight", **settings), log=lambda _: None)
 
     real_sample = TokenData.sample_batch

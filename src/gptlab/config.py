@@ -37,6 +37,11 @@ def load_yaml(yaml_path: str) -> dict[str, Any]:
 MODEL_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 17, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
 
 
+# GPT-2's values of the fields that change the architecture beyond its sizes
+GPT2_ARCHITECTURE: dict[str, Any] = {"pos_encoding": "learned", "norm_position": "pre", "bias": True, "qk_norm": False,
+                                     "activation": "gelu", "tie_embeddings": True}
+
+
 @dataclass
 class GPTConfig:
     """Architecture of a decoder-only Transformer (GPT-1 / GPT-2 family)."""
@@ -48,9 +53,14 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True
     dropout: float = 0.0
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
     norm_position: Literal["pre", "post"] = "pre"  # pre-LN is GPT-2, post-LN is GPT-1
     layer_norm_eps: float = 1e-5
+    # past GPT-2 (the faster-learning recipe, docs/TRAINING.md; each switch measurable alone). A model with any
+    # of them on is no longer GPT-2: `convert --to-hf` refuses it, the fused CPU decode step leaves it alone
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    activation: Literal["gelu", "relu2"] = "gelu"  # relu2: relu(x)^2 in the MLP (Primer; modded-nanoGPT)
+    tie_embeddings: bool = True  # False: the LM head is its own matrix (zero-initialised)
 
     def __post_init__(self) -> None:
         for name, limit in MODEL_LIMITS.items():
@@ -60,8 +70,13 @@ class GPTConfig:
         _check(self.n_embd % self.n_head == 0,
                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.pos_encoding in ("learned", "sinusoidal"),
-               f"model.pos_encoding must be 'learned' or 'sinusoidal', got {self.pos_encoding!r}")
+        _check(self.pos_encoding in ("learned", "sinusoidal", "rotary"),
+               f"model.pos_encoding must be 'learned', 'sinusoidal' or 'rotary', got {self.pos_encoding!r}")
+        _check(self.pos_encoding != "rotary" or (self.n_embd // self.n_head) % 2 == 0,
+               f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
+        _check(self.activation in ("gelu", "relu2"), f"model.activation must be 'gelu' or 'relu2', got {self.activation!r}")
+        _check(isinstance(self.qk_norm, bool) and isinstance(self.tie_embeddings, bool),
+               "model.qk_norm and model.tie_embeddings must be true or false")
         _check(self.norm_position in ("pre", "post"),
                f"model.norm_position must be 'pre' or 'post', got {self.norm_position!r}")
 
@@ -74,6 +89,11 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def departures_from_gpt2(self) -> dict[str, Any]:
+        """The fields where this architecture is not Hugging Face's GPT2LMHeadModel (empty: `convert --to-hf`
+        can write it)."""
+        return {name: getattr(self, name) for name, gpt2 in GPT2_ARCHITECTURE.items() if getattr(self, name) != gpt2}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -82,6 +102,12 @@ class GPTConfig:
         return cls(**values)
 
 
+FASTER_ARCHITECTURE: dict[str, Any] = dict(pos_encoding="rotary", qk_norm=True, activation="relu2", tie_embeddings=False)
+# training settings a preset brings, where the run leaves them unset (else PRESET_TRAINING_FALLBACK)
+PRESET_TRAINING: dict[str, dict[str, Any]] = {name: dict(optimizer="muon", lr_schedule="wsd")
+                                              for name in ("tiny-fast", "micro-fast")}
+PRESET_TRAINING_FALLBACK: dict[str, Any] = dict(optimizer="adamw", lr_schedule="cosine")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized so `gptlab train` with no arguments finishes on a 2-core CPU in under 10 minutes (DEFAULT_RUNS):
     # tiny where bf16 is native, micro (half the FLOPs per token) where the CPU trains in fp32
@@ -89,6 +115,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "gpt1": dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm_position="post",
                  dropout=0.1),
+    # the faster-learning recipe (docs/TRAINING.md): the same sizes past GPT-2's architecture; with it come
+    # Muon and the wsd schedule (PRESET_TRAINING), each of the six a switch of its own
+    "tiny-fast": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=192, **FASTER_ARCHITECTURE),
+    "micro-fast": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128, **FASTER_ARCHITECTURE),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
@@ -126,6 +156,9 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int | None = None
     weight_decay: float = 0.1
+    # None: the preset's (PRESET_TRAINING), else adamw and cosine
+    optimizer: Literal["adamw", "muon"] | None = None  # muon: Muon for the blocks' matrices, AdamW for the rest
+    lr_schedule: Literal["cosine", "wsd"] | None = None  # wsd: warmup, constant, linear decay over the last 40%
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
@@ -167,6 +200,11 @@ class TrainConfig:
         _check(self.global_batch_tokens is None or (isinstance(self.global_batch_tokens, int)
                                                     and self.global_batch_tokens > 0),
                f"global_batch_tokens must be a positive integer, got {self.global_batch_tokens!r}")
+        recipe = {**PRESET_TRAINING_FALLBACK, **PRESET_TRAINING.get(self.preset or "", {})}
+        self.optimizer = self.optimizer or recipe["optimizer"]
+        self.lr_schedule = self.lr_schedule or recipe["lr_schedule"]
+        _check(self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        _check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
         _check(self.logger in ("csv", "tensorboard"), f"logger must be csv or tensorboard, got {self.logger!r}")
         _check(self.peak_flops is None or self.peak_flops > 0, f"peak_flops must be positive, got {self.peak_flops}")
         for preset in [self.preset] if self.preset else {run["preset"] for run in DEFAULT_RUNS.values()}:

@@ -115,8 +115,9 @@ def hf_config(config: GPTConfig, eot_id: int) -> dict:
 def save_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> None:
     """Write an HF GPT-2 directory; it appears complete or not at all, and never over existing files."""
     config = model.config
-    if config.pos_encoding != "learned" or config.norm_position != "pre" or not config.bias:
-        raise CheckpointError("only GPT-2-style models (learned positions, pre-LN, biases) export to HF GPT-2")
+    if departures := config.departures_from_gpt2():
+        raise CheckpointError("only GPT-2's architecture exports to HF GPT-2; this model has "
+                              + ", ".join(f"{name}={value}" for name, value in departures.items()))
     check_new_output(out)
     weights = {}
     for key, tensor in model.state_dict().items():

@@ -96,6 +96,22 @@ class KVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
 
 
+def rotary_tables(block_size: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """cos and sin (2, block_size, head_dim / 2) of rotary position embeddings (RoFormer, Su et al. 2021):
+    pair i of a head's channels turns by position x base^(-2i / head_dim)."""
+    freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(block_size, dtype=torch.float32)[:, None] * freq
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Queries or keys (B, H, T, D) turned by their positions' rope (2, T, D/2), or (2, B, T, D/2) when each
+    row has its own positions (a cached decode step): relative positions then show in q . k."""
+    cos, sin = (rope[:, :, None] if rope.dim() == 4 else rope).unbind(0)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention written out (what SDPA computes without dropout): (output, weights (B, H, T, T))."""
     T = q.size(-2)
@@ -112,6 +128,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         # one matmul for queries, keys and values: fewer kernel launches, better cache use
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -121,10 +138,15 @@ class CausalSelfAttention(nn.Module):
         self.keep_weights = False
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, head_dim) views
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.qk_norm:  # unit-RMS queries and keys bound the attention logits: higher learning rates stay stable
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)
         elif self.keep_weights:
@@ -137,13 +159,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"): as cheap as ReLU, learns faster than GELU in small GPTs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2 uses the tanh approximation of GELU; matching it keeps HF parity exact. A module, so that
         # CPU inference can fold it into c_fc's matmul (gptlab.cpu.prepare_inference)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -160,11 +189,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: normalise the input of each sub-layer
-            x = x + self.attn(self.ln_1(x), cache)
+            x = x + self.attn(self.ln_1(x), cache, rope)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, cache))  # GPT-1: normalise after each residual sum
+        x = self.ln_1(x + self.attn(x, cache, rope))  # GPT-1: normalise after each residual sum
         return self.ln_2(x + self.mlp(x))
 
 
@@ -192,11 +222,15 @@ class GPT(nn.Module):
         ))
         if config.pos_encoding == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        else:
+        elif config.pos_encoding == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_positions(config.block_size, config.n_embd),
                                  persistent=False)
+        else:  # rotary: positions enter each attention's queries and keys, not the residual stream
+            self.register_buffer("rope", rotary_tables(config.block_size, config.n_embd // config.n_head),
+                                 persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2): one matrix, two roles
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2): one matrix, two roles
         # recompute each block's activations in backward instead of keeping them (--activation-checkpointing)
         self.activation_checkpointing = False
         # optional replacement of the blocks in a cached pass, e.g. gptlab.cpu's fused CPU decode step:
@@ -208,6 +242,8 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tie_embeddings:  # an untied head starts at zero: every token equally likely (modded-nanoGPT)
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -222,10 +258,13 @@ class GPT(nn.Module):
         """Parameters counted once (the tied head shares the token embedding)."""
         return sum(p.numel() for p in self.parameters())
 
-    def position_embedding(self, positions: torch.Tensor) -> torch.Tensor:
+    def position_embedding(self, positions: torch.Tensor) -> torch.Tensor | float:
+        """What the residual stream adds for `positions`: nothing with rotary positions (see `rope`)."""
         if self.config.pos_encoding == "learned":
             return self.transformer.wpe(positions)
-        return self.sinusoid[positions]
+        if self.config.pos_encoding == "sinusoidal":
+            return self.sinusoid[positions]
+        return 0.0
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,11 +281,13 @@ class GPT(nn.Module):
         x = self.transformer.drop(tokens + self.position_embedding(positions))
         if cache is not None and self.decode_step is not None and (y := self.decode_step(x, cache)) is not None:
             return self.transformer.ln_f(y)
+        # rotary: (2, T, D/2) tables for shared positions, (2, B, T, D/2) for per-row ones
+        rope = self.rope[:, positions] if self.config.pos_encoding == "rotary" else None
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, use_reentrant=False)  # keeps only the block's input
+                x = checkpoint(block, x, cache, rope, use_reentrant=False)  # keeps only the block's input
             else:
-                x = block(x, cache)
+                x = block(x, cache, rope)
         return self.transformer.ln_f(x)
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | slice, starts: list[int],

@@ -1,4 +1,4 @@
-"""One training loop for pretraining and fine-tuning: AdamW, warmup + cosine, accumulation from a global
+"""One training loop for pretraining and fine-tuning: AdamW (or Muon beside it), warmup + cosine (or wsd), accumulation from a global
 batch, clipping, mixed precision, torch.compile, activation checkpointing, data parallelism (DDP or
 FSDP2 under torchrun), periodic evaluation, metrics, atomic checkpoints and exact resume."""
 
@@ -21,16 +21,25 @@ from gptlab.data import TokenData, prepare
 from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.metrics import LM_METRICS, MetricsLog, mfu, model_flops_per_token
 from gptlab.model import GPT, Block
+from gptlab.optim import Optimizers, make_optimizer
 from gptlab.tokenizer import Tokenizer
 
 Batch = Any  # whatever the task's loss function takes; (x, y) for language modelling
 DEFAULT_TOKENIZER = "bpe:4096"  # what `gptlab prepare` trains for the bundled corpus
 
 
+WSD_DECAY = 0.4  # the share of the steps over which the "wsd" schedule decays (the last 40%)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    """Linear warmup to cfg.lr, then to cfg.min_lr at cfg.max_steps: a cosine ("cosine"), or, with "wsd"
+    (warmup-stable-decay: the trapezoid of modded-nanoGPT), constant until the last WSD_DECAY of the steps,
+    then linear."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        left = (cfg.max_steps - step) / max(1, WSD_DECAY * cfg.max_steps)
+        return cfg.min_lr + min(1.0, max(0.0, left)) * (cfg.lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
@@ -52,14 +61,6 @@ def draw_generator(seed: int, draw: int) -> torch.Generator:
     the seed and the draw's number alone, so a resumed run, or another process, draws exactly the same."""
     return torch.Generator().manual_seed(seed * 1_000_003 + draw)
 
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm gains or other vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")  # the fused kernel does all parameters in one pass
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def lm_loss(model: GPT, batch: Batch) -> torch.Tensor:
@@ -238,7 +239,7 @@ def fit(model: GPT, cfg: TrainConfig, task: Task, device: torch.device, log: Cal
                 "tokens_per_s": run_tokens / run_time if run_time else 0.0, "checkpoint": str(ckpt_path)}
 
 
-def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(path: Path, cfg: TrainConfig, accum: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Optimizers,
             scaler: torch.amp.GradScaler, device: torch.device, world: distributed.World, log: Callable[[str], None],
             ) -> dict[str, Any]:
     """Restore weights, optimizer, loss scaler, RNG states and progress; every rank reads the file."""

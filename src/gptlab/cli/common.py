@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
-from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS
+from gptlab.config import DEFAULT_RUN_FIELDS, DEFAULT_RUNS, PRESET_TRAINING, PRESET_TRAINING_FALLBACK
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,14 +35,18 @@ def add_config_flags(
             default = "the default run's: " + ", ".join(
                 f"{run[field.name]} ({machine})" for machine, run in DEFAULT_RUNS.items()
             )
+        if default is None and field.name in PRESET_TRAINING_FALLBACK:
+            default = ", ".join(f"{run[field.name]} ({preset})" for preset, run in PRESET_TRAINING.items()) \
+                + f", else {PRESET_TRAINING_FALLBACK[field.name]}"
         if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", default=None)
             continue
-        hint = hints[field.name]
-        if typing.get_origin(hint) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), help=f"default: {default}")
+        base = hints[field.name]
+        if typing.get_origin(base) in (typing.Union, types.UnionType):  # X | None -> X
+            base = next(t for t in typing.get_args(base) if t is not type(None))
+        if typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), help=f"default: {default}")
             continue
-        base = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))  # X | None -> X
         parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {default}")
 
 

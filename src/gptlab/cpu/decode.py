@@ -29,11 +29,12 @@ class FusedDecode:
     @classmethod
     def of(cls, model: GPT) -> FusedDecode | None:
         """The fused step of a prepared model, through the kernel variant of its layers, or None where
-        its blocks do not fit the kernel: GPT-2's pre-LayerNorm blocks, float32, every linear a
+        its blocks do not fit the kernel: GPT-2's pre-LayerNorm blocks (no rotary positions, no QK-norm), float32, every linear a
         CPULinear or Int8Linear of one variant (GELU folded into mlp.c_fc), head size a multiple of 16."""
         config = model.config
         variant = getattr(model.transformer.h[0].attn.c_attn, "variant", None)
-        if (variant is None or config.norm_position != "pre" or model.transformer.wte.weight.dtype != torch.float32
+        if (variant is None or config.norm_position != "pre" or config.pos_encoding == "rotary" or config.qk_norm
+                or model.transformer.wte.weight.dtype != torch.float32
                 or (config.n_embd // config.n_head) % 16):
             return None
         layout = kernels.load(variant).block_layout()
