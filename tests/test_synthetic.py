@@ -36,3 +36,16 @@ def test_mapping_records_pool_shows_the_answer():
 def test_permutation_pool_never_shows_the_query_digit():
     for record in synthetic.permutation_records(seed=2, count=30):
         assert record["input"] not in {d["input"] for d in record["demos"]} and len(record["demos"]) == 9
+
+
+def test_repeated_sequences_say_a_random_word_sequence_twice():
+    documents = list(synthetic.repeated_sequences(seed=4, count=100, lengths=(4, 24)))
+    assert documents == list(synthetic.repeated_sequences(seed=4, count=100, lengths=(4, 24)))  # seeded
+    lengths = set()
+    for document in documents:
+        words = document.split(" ")
+        half = len(words) // 2
+        assert words[:half] == words[half:] and set(words) <= set(synthetic.WORDS)
+        lengths.add(half)
+    assert min(lengths) >= 4 and max(lengths) <= 24 and len(lengths) > 5  # the repeat distance varies
+    assert SOURCES["induction-repeats"].task == "text"

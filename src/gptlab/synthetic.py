@@ -1,10 +1,12 @@
 """Synthetic in-context tasks: problems a model can only solve from the demonstrations in its prompt.
 
 Each prompt draws a fresh random task (a word -> label mapping, a digit permutation, ...), so nothing
-about the answer can have been memorised in pretraining. Two users:
+about the answer can have been memorised in pretraining. Three users:
 - `gptlab data build icl-pretrain` (gptlab.datasets): a pretraining corpus of episodes, each a run of
   demonstrations `input -> answer` of one freshly drawn mapping (the setting of Chan et al. 2022,
   Garg et al. 2022 and the induction heads of Olsson et al. 2022);
+- `gptlab data build induction-repeats`: random word sequences said twice, the plainest corpus that grows
+  induction heads (docs/INSPECT.md);
 - the built-in `gptlab eval icl` tasks (gptlab.eval.tasks): query records, each with its own pool of
   demonstrations of the same random task (the pool never holds the query itself).
 
@@ -60,6 +62,17 @@ def pretrain_episodes(seed: int, count: int) -> Iterator[str]:
         words = list(mapping)
         lines = [demonstration((w, mapping[w])) for w in (rng.choice(words) for _ in range(rng.randint(8, 40)))]
         yield "\n".join(lines)
+
+
+def repeated_sequences(seed: int, count: int, lengths: tuple[int, int] = (4, 24)) -> Iterator[str]:
+    """`count` documents, each a random sequence of WORDS (its length drawn from `lengths`) said twice.
+    The second half is predictable only by finding the current word's earlier occurrence and copying the
+    word after it (an induction head, Olsson et al. 2022); the length varies so that a head attending a
+    fixed distance back cannot do the same job."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        sequence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths)))
+        yield f"{sequence} {sequence}"
 
 
 def mapping_records(seed: int, count: int, n_words: int = 4, copies: int = 3) -> list[Record]:

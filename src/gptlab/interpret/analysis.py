@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -200,20 +198,3 @@ def induction_scores(model: GPT, vocab: list[int] | None = None, length: int | N
     query = torch.arange(length, 2 * length)
     return weights[:, :, :, query, query - length + 1].float().mean(dim=(1, 3)).cpu()
 
-
-def repeated_sequences_corpus(out: str | Path, documents: int = 4000, length: int = 16, words: int = 100,
-                              seed: int = 0) -> Path:
-    """Write OUT/repeats.txt: `documents` lines, each a random sequence of `length` words (drawn from
-    `words` made-up three-letter words) said twice, the recipe that grows induction heads in a small model
-    (Olsson et al. 2022): prepare it with `gptlab prepare --input OUT`, train, then `induction_scores`."""
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocabulary = sorted({"".join(rng.choice(letters) for _ in range(3)) for _ in range(words * 2)})[:words]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for _ in range(documents):
-        sequence = " ".join(rng.choice(vocabulary) for _ in range(length))
-        lines.append(f"{sequence} {sequence}\n")
-    (out / "repeats.txt").write_text("".join(lines))
-    return out / "repeats.txt"
