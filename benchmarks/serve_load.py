@@ -5,8 +5,9 @@ limits, --max-batch-size 16) gets at once: 128 streaming clients, 500 short non-
 client that reads its stream a chunk every 0.2 s, and 20 clients that disconnect after their first token
 (--max-queue 1024 by default, so every request is admitted; with the default 256 the rest get 429).
 Every request must complete or get an explicit 4xx / 429 (counted by status); a stream cut without [DONE]
-or an error event, or a connection error, is "lost". The server's RSS is measured after a warm-up round of
-the same load (the baseline), at its peak, and once the load is over.
+or an error event, or a connection error, is "lost". The server's RSS is measured once the model is loaded
+and has answered one warm-up request (the baseline), at its peak, and 3 s after the load (the engine releases
+freed memory after 1 s without work).
 
 Then the same load against a fresh server that gets SIGTERM mid-way: every request in flight must finish or
 end with a clean error (503 shutting_down, or a final error event in a stream), requests that start after it
@@ -102,6 +103,12 @@ async def load(url: str, streams: int, short: int, on_started=None) -> collectio
     return counts
 
 
+async def warm_up(url: str) -> None:
+    """One short request, so the baseline includes what the first request loads (kernels, caches)."""
+    async with aiohttp.ClientSession() as session:
+        assert await request(session, url, {"prompt": "Warm up", "max_tokens": 4}, "short") == "completed"
+
+
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -123,8 +130,8 @@ def main() -> None:
         ckpt = make_checkpoint(Path(tmp))
         with ServerProcess(ckpt, Path(tmp) / "serve.log", *flags) as server:
             pid = server.proc.pid
-            asyncio.run(load(server.url, args.streams, args.short))  # warm-up: allocator and caches settle
-            time.sleep(2)
+            asyncio.run(warm_up(server.url))
+            time.sleep(3)
             baseline = rss_mb(pid)
             peak = [baseline]
 
@@ -138,7 +145,7 @@ def main() -> None:
             start = time.perf_counter()
             counts = asyncio.run(load(server.url, args.streams, args.short, sample_rss))
             wall = time.perf_counter() - start
-            time.sleep(2)
+            time.sleep(3)
             after = rss_mb(pid)
             health = asyncio.run(_health(server.url))
         print(json.dumps({"phase": "load", "requests": sum(counts.values()), "outcomes": dict(sorted(counts.items())),

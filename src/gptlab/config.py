@@ -33,8 +33,10 @@ def load_yaml(yaml_path: str) -> dict[str, Any]:
     return loaded
 
 
-# upper bounds that catch typos (an extra zero) before they become an out-of-memory crash
-MODEL_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 17, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
+def _size(default: int, limit: int) -> Any:
+    """A positive integer field with an upper bound beside it that catches typos (an extra zero) before they
+    become an out-of-memory crash."""
+    return field(default=default, metadata={"limit": limit})
 
 
 # GPT-2's values of the fields that change the architecture beyond its sizes
@@ -46,11 +48,11 @@ GPT2_ARCHITECTURE: dict[str, Any] = {"pos_encoding": "learned", "norm_position":
 class GPTConfig:
     """Architecture of a decoder-only Transformer (GPT-1 / GPT-2 family)."""
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    vocab_size: int = _size(50257, 1 << 20)
+    block_size: int = _size(1024, 1 << 17)
+    n_layer: int = _size(12, 1024)
+    n_head: int = _size(12, 1024)
+    n_embd: int = _size(768, 1 << 16)
     bias: bool = True
     dropout: float = 0.0
     pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
@@ -63,10 +65,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # False: the LM head is its own matrix (zero-initialised)
 
     def __post_init__(self) -> None:
-        for name, limit in MODEL_LIMITS.items():
-            value = getattr(self, name)
+        for size in (f for f in dataclasses.fields(self) if "limit" in f.metadata):
+            value, limit = getattr(self, size.name), size.metadata["limit"]
             _check(isinstance(value, int) and 0 < value <= limit,
-                   f"model.{name} must be an integer in [1, {limit}], got {value!r}")
+                   f"model.{size.name} must be an integer in [1, {limit}], got {value!r}")
         _check(self.n_embd % self.n_head == 0,
                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")

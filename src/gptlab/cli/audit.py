@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gptlab.cli.common import fail
+from gptlab.cli.common import add_ckpt_flag, add_command_group, fail, print_summary
 
 
 def _ints(text: str) -> list[int]:
@@ -18,15 +18,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _write(out: str | None, report: dict, plot) -> None:
-    """OUT/<name>.json and OUT/<name>.png, written whole into a new directory."""
+def _finish(out: str | None, report: dict, plot, details: str) -> None:
+    """OUT/<name>.json and OUT/<name>.png, written whole into a new directory (with --out), and the report
+    without its per-item `details` on stdout."""
     from gptlab.outputs import atomic_directory
 
-    if out is None:
-        return
-    with atomic_directory(out) as tmp:
-        (tmp / f"{report['audit']}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        plot(report, tmp / f"{report['audit']}.png")
+    if out is not None:
+        with atomic_directory(out) as tmp:
+            (tmp / f"{report['audit']}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+            plot(report, tmp / f"{report['audit']}.png")
+    print_summary(report, details)
 
 
 def cmd_memorization(args: argparse.Namespace) -> None:
@@ -51,15 +52,14 @@ def cmd_memorization(args: argparse.Namespace) -> None:
     if canaries:
         report["canaries"] = memorization.canary_exposure(model, data.tokenizer, canaries, args.candidates, args.seed)
         report["canaries_by_repeats"] = memorization.by_repeats(report["canaries"])
-    _write(args.out, report, memorization.plot)
-    print(json.dumps({k: v for k, v in report.items() if k != "canaries"}))
+    _finish(args.out, report, memorization.plot, "canaries")
 
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
-    p = sub.add_parser("audit", help="memorization (extraction rate, canary exposure) and bias audits")
-    asub = p.add_subparsers(dest="audit_command", required=True, parser_class=parser_class)
+    asub = add_command_group(sub, "audit", "memorization (extraction rate, canary exposure) and bias audits",
+                             parser_class)
     m = asub.add_parser("memorization", help="extraction rate of training vs held-out windows; canary exposure")
-    m.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(m)
     m.add_argument("--data", required=True, help="the prepared dataset the model was trained on")
     m.add_argument("--prefix-lengths", type=_ints, default=[8, 16, 32], metavar="K,K,...",
                    help="prefix lengths k (default: 8,16,32)")
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
 
     b = asub.add_parser("bias", help="counterfactual sentence pairs: log-likelihood gap per attribute with a "
                                      "bootstrap 95% CI, share preferring the stereotype")
-    b.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(b)
     b.add_argument("--lang", choices=("en", "zh"), default="en", help="bundled template set (default: en)")
     b.add_argument("--templates", help="a template file of your own (see src/gptlab/audit/templates/bias_en.json)")
     b.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (default: 2000)")
@@ -95,6 +95,5 @@ def cmd_bias(args: argparse.Namespace) -> None:
     model = loading.load(args.ckpt)
     report = {"audit": "bias", "ckpt": str(args.ckpt), "templates": args.templates or f"bundled:{args.lang}",
               **bias.audit_bias(model.gpt(), model.tokenizer, spec, args.bootstrap, args.seed)}
-    _write(args.out, report, bias.plot)
     print(bias.table(report), file=sys.stderr)
-    print(json.dumps({k: v for k, v in report.items() if k != "pairs"}, ensure_ascii=False))
+    _finish(args.out, report, bias.plot, "pairs")

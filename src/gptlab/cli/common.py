@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -50,8 +51,27 @@ def add_config_flags(
         parser.add_argument(flag, type=base, metavar=field.name.upper(), help=f"default: {default}")
 
 
+def add_ckpt_flag(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--ckpt of a command that loads a model: whatever gptlab.loading.load reads."""
+    parser.add_argument("--ckpt", required=required, help="run directory, checkpoint file or HF GPT-2 directory")
+
+
+def add_command_group(
+    sub: argparse._SubParsersAction, name: str, help: str, parser_class: type
+) -> argparse._SubParsersAction:
+    """`gptlab NAME SUBCOMMAND ...`: a command that only groups sub-commands; add them to what this returns."""
+    group = sub.add_parser(name, help=help)
+    return group.add_subparsers(dest=f"{name}_command", required=True, parser_class=parser_class)
+
+
 def config_flags(args: argparse.Namespace, config_class: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if f.name != "model"}
+
+
+def print_summary(report: dict, *details: str) -> None:
+    """A command's result as one JSON line on stdout, without its per-item `details` (the --out files hold
+    those)."""
+    print(json.dumps({k: v for k, v in report.items() if k not in details}, ensure_ascii=False))
 
 
 def int_list(minimum: int, what: str) -> typing.Callable[[str], list[int]]:

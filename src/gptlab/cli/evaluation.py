@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from gptlab.cli.common import int_list
+from gptlab.cli.common import add_ckpt_flag, add_command_group, int_list, print_summary
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
@@ -66,15 +66,15 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
         with atomic_file(args.out) as handle:
             for row, samples in zip(result["per_task"], completions, strict=True):
                 handle.write(json.dumps({**row, "completions": samples}) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "per_task"}))
+    print_summary(result, "per_task")
 
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, in-context learning, lm-evaluation-harness")
-    esub = p.add_subparsers(dest="eval_command", required=True, parser_class=parser_class)
+    esub = add_command_group(sub, "eval", "evaluate a model: perplexity, in-context learning, lm-evaluation-harness",
+                             parser_class)
 
     e = esub.add_parser("perplexity", help="sliding-window perplexity and bits per byte of text files")
-    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(e)
     e.add_argument("--input", nargs="+", required=True,
                    help="UTF-8 text files, directories of them, or prepared datasets (`gptlab prepare --out`)")
     e.add_argument("--stride", type=int, help="tokens between window starts (default: the model's context)")
@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     e.set_defaults(func=cmd_perplexity)
 
     e = esub.add_parser("icl", help="k-shot in-context learning: a metric against the number of demonstrations")
-    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(e)
     e.add_argument("--task", required=True, help="a built-in task (`gptlab eval tasks`) or a task YAML file")
     e.add_argument("--shots", type=int_list(0, "numbers of demonstrations"), default=[0, 1, 2, 4, 8], help="comma-separated k (default: 0,1,2,4,8)")
     e.add_argument("--seeds", type=int, default=3, help="demonstration draws per k (default: 3)")
@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     e.set_defaults(func=cmd_tasks)
 
     e = esub.add_parser("harness", help="lm-evaluation-harness tasks on a checkpoint, in process")
-    e.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(e)
     e.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     e.add_argument("--include-path", help="directory of task YAMLs (and their local data files)")
     e.add_argument("--num-fewshot", type=int)

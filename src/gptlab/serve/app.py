@@ -124,13 +124,21 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
         return PlainTextResponse(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    async def tokenize(req: TokenizeRequest) -> Response:
+        def answer(tokens: list[int]) -> bytes:
+            # written 65,536 ids at a time: one json.dumps of a million ids would hold the GIL (and so the
+            # event loop) for its whole run; between chunks the loop gets its turn
+            ids = ",".join(",".join(map(str, tokens[i:i + 65536])) for i in range(0, len(tokens), 65536))
+            return (f'{{"count": {len(tokens)}, "max_model_len": {server.block_size}, "tokens": [{ids}], '
+                    '"token_strs": null}').encode()
+
         if req.messages:
-            tokens = server.chat_ids(req.messages)
-        else:  # bounded, and on a worker thread: a long text never stalls the event loop
-            server.limits.check_tokenize(req.prompt or "")
-            tokens = await asyncio.to_thread(server.tokenizer.encode, req.prompt or "")
-        return {"count": len(tokens), "max_model_len": server.block_size, "tokens": tokens, "token_strs": None}
+            return Response(answer(server.chat_ids(req.messages)), media_type="application/json")
+        server.limits.check_tokenize(req.prompt or "")
+        # bounded, and encoded and serialized on a worker thread: the JSON of a million ids takes as long as
+        # the encoding, and neither may stall the event loop (every other request waits on it)
+        body = await asyncio.to_thread(lambda: answer(server.tokenizer.encode(req.prompt or "")))
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:

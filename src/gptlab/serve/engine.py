@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
@@ -30,6 +33,27 @@ if TYPE_CHECKING:
     from gptlab.serve.metrics import ServeMetrics
 
 log = logging.getLogger("gptlab.serve")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+RELEASE_AFTER_IDLE_S = 1.0  # how long the engine waits without work before it releases memory
+
+
+def release_memory() -> None:
+    """Give the memory a load freed back to the operating system. glibc keeps freed chunks in its arenas (one
+    per thread that allocated: the event loop, the engine, torch's) and the RSS stays at the load's peak until
+    malloc_trim returns them; the collection first frees the reference cycles finished requests leave
+    (asyncio tasks, exceptions with their tracebacks)."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class ClientDisconnected(Exception):
@@ -77,6 +101,7 @@ class Engine:
         self.draining = False  # shutting down: no new work
         self._abort: APIError | None = None  # set when the drain deadline passes: end everything with it
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps: tokens/s
+        self._worked = False  # something ran since the engine last went idle (and released memory)
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
 
     def start(self) -> None:
@@ -158,11 +183,20 @@ class Engine:
             self._cond.notify()
         return await future
 
+    def _busy(self) -> bool:
+        return bool(self._stopping or self._waiting or self._jobs or self.scheduler.running or self._abort)
+
     def _loop(self) -> None:
         while True:
+            if self._worked:
+                with self._cond:
+                    idle = not self._cond.wait_for(self._busy, timeout=RELEASE_AFTER_IDLE_S)
+                if idle:  # the RSS goes back to its baseline, at no cost to a busy server's latency
+                    self._worked = False
+                    release_memory()
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._waiting or self._jobs or self.scheduler.running
-                                    or self._abort)
+                self._cond.wait_for(self._busy)
+                self._worked = True
                 if self._stopping:
                     return
                 if self._abort:
