@@ -21,6 +21,10 @@ class ContextLengthError(GptlabError):
     """A prompt plus the tokens asked for do not fit the model's context."""
 
 
+class DataError(GptlabError):
+    """Input data is missing, unreadable or empty."""
+
+
 class MissingPackageError(GptlabError):
     """An optional package that a command needs is not installed."""
 

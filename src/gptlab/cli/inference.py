@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptlab.cli.common import fail
+from gptlab.cli.common import add_model_flags, fail
 from gptlab.cli.moderation import add_moderator_flags
 from gptlab.sampling import SamplingConfig
 from gptlab.serve import limits
@@ -211,16 +211,16 @@ def add_speculation_flags(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_model_flags(p)
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--image", action="append", metavar="PATH",
                    help="an image for a multimodal model (repeatable): the prompt is asked about it as a user "
                         "message and only the answer is printed")
-    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens, help="tokens to generate")
     p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     p.add_argument("--min-p", type=float, help="drop tokens below min_p * p(most likely), in [0, 1]")
     p.add_argument(
@@ -246,22 +246,20 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         help="stop token id (repeatable); <|endoftext|> stops unless --ignore-eos",
     )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed of the sampling")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search instead of sampling")
     p.add_argument(
         "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs"
     )
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     add_speculation_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /"
     )
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
     p.add_argument(
         "--api-key",
@@ -302,17 +300,16 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
             type=int,
             default=field.default,
             metavar="N",
-            help=limits.FLAGS[field.name] + ("" if field.default is None else f" (default: {field.default})"),
+            help=limits.FLAGS[field.name],
         )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
         "--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off"
     )
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log messages of this level and above")
     p.add_argument("--moderate", choices=["input", "output", "both"],
                    help="refuse flagged prompts (400 content_policy_violation) and/or stop flagged output "
                    '(finish_reason "content_filter"); the moderator defaults to profanity-check')
@@ -321,23 +318,21 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint file or HF GPT-2 directory")
+    add_model_flags(p)
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
     p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, help="random seed of the sampling")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="HF_DIR")
-    source.add_argument("--to-hf", metavar="CKPT")
-    p.add_argument("--out", required=True)
+    source.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2 directory to read")
+    source.add_argument("--to-hf", metavar="CKPT", help="a gptlab run or checkpoint to write as HF GPT-2")
+    p.add_argument("--out", required=True, help="the new checkpoint file or HF directory (never overwritten)")
     p.set_defaults(func=cmd_convert)
