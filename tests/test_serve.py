@@ -126,6 +126,18 @@ def test_n_choices_and_seed(client):
     assert sample() == first and len(set(first)) == 3  # same seed: same samples; each choice its own
 
 
+def test_every_sequence_of_a_seeded_request_has_its_own_seed(client):
+    """Prompt p's choice c samples with seed + p * n + c: two prompts with n=2 give four different texts, each
+    what a one-prompt request with that seed gives (so a rerun repeats them)."""
+    def texts(prompt, seed: int) -> list[str]:
+        out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=8, n=2, seed=seed,
+                                        temperature=1.0)
+        return [c.text for c in out.choices]
+    both = texts(["ROMEO:", "JULIET:"], 42)
+    assert len(set(both)) == 4
+    assert both == texts("ROMEO:", 42) + texts("JULIET:", 44)
+
+
 def test_logprobs(client, lm):
     out = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs

@@ -29,22 +29,39 @@ SAMPLING_FLAGS = (
 )
 
 
+def unescape(text: str) -> str:
+    """A flag's backslash escapes read as in a Python string literal (`--stop "\\n\\n"` is two newlines)."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as err:
+        fail(f"bad escape sequence in {text!r}: {err.reason} (write a backslash as \\\\)")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--stream takes a single --prompt and no --num-beams")
-    if (args.draft or args.prompt_lookup) and args.num_beams > 1:
+    speculative = args.draft or args.prompt_lookup
+    if speculative and args.num_beams > 1:
         fail("speculative decoding (--draft, --prompt-lookup) does not combine with --num-beams")
+    if speculative and args.slide_context:
+        fail("speculative decoding (--draft, --prompt-lookup) does not combine with --slide-context")
     sampling = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    sampling["stop"] = [unescape(stop) for stop in args.stop]
     cfg = SamplingConfig(**sampling)  # bad values fail before the model loads
     if args.image and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--image takes a single --prompt and no --num-beams")
+    if args.num_beams > 1:
+        from gptlab.language_model import check_beam_settings
+
+        check_beam_settings(cfg, args.slide_context)
     lm = _load(args)
+    slide = args.slide_context
     if args.image:
-        _generate_with_images(lm, args.prompt[0], args.image, args.stream, sampling)
+        _generate_with_images(lm, args.prompt[0], args.image, args.stream, dict(sampling, slide=slide))
         return
     if args.stream:
         print(args.prompt[0], end="", flush=True)
-        for piece in lm.stream(args.prompt[0], **sampling):
+        for piece in lm.stream(args.prompt[0], slide=slide, **sampling):
             print(piece, end="", flush=True)
         print()
         return
@@ -54,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _report_speculation(lm.speculation.method, completions)
     else:
         outputs = lm.generate(
-            args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
+            args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, slide=slide, **sampling
         )
     print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
 
@@ -218,6 +235,12 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
                         "message and only the answer is printed")
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens, help="tokens to generate")
     p.add_argument(
+        "--slide-context",
+        action="store_true",
+        help="let generation run past the model's context: when it is full, the oldest tokens are dropped "
+        "(the newest half is kept) and generation goes on; without it such a request is refused",
+    )
+    p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
@@ -235,7 +258,13 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument(
         "--frequency-penalty", type=float, default=SamplingConfig.frequency_penalty, help="in [-2, 2]"
     )
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop string (repeatable); backslash escapes as in Python: --stop '\\n\\n' stops at a blank line",
+    )
     p.add_argument(
         "--stop-token-id",
         dest="stop_token_ids",
@@ -246,9 +275,11 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         help="stop token id (repeatable); <|endoftext|> stops unless --ignore-eos",
     )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--seed", type=int, help="random seed of the sampling")
+    p.add_argument("--seed", type=int, help="random seed of the sampling: prompt i samples with seed + i")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search instead of sampling")
+    p.add_argument(
+        "--num-beams", type=int, default=1, help="> 1: beam search instead of sampling (no sampling flags)"
+    )
     p.add_argument(
         "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs"
     )
