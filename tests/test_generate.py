@@ -319,16 +319,39 @@ def _sliding_greedy(model, prompt: list[int], new_tokens: int, context: int) -> 
     return ids[len(prompt):]
 
 
-def test_sliding_context_generates_past_the_context(lm):
-    """Opt-in: 100 tokens from a 64-token model, each the greedy token of the window the slide keeps (batched
-    with another prompt, and streamed); without it the request is refused."""
-    prompt = lm.tokenizer.encode("The quick brown fox")
+def test_sliding_context_generates_past_the_context(peer, tokenizer):
+    """Opt-in: 140 tokens after a 12-token prompt from a 128-token model, each the greedy token of the window
+    the slide keeps (batched with another prompt, and streamed); without it the request is refused."""
+    _, model = peer
+    lm = LanguageModel(model, tokenizer)
+    prompt = random_prompts([12], seed=3)[0]
+    cfg = SamplingConfig(max_new_tokens=140, **GREEDY)
     with pytest.raises(ContextLengthError):
-        lm.complete([prompt], SamplingConfig(max_new_tokens=100, **GREEDY))
-    out = lm.complete([prompt, prompt[:2]], SamplingConfig(max_new_tokens=100, **GREEDY), slide=True)[0]
-    assert out.completion_tokens == 100 and out.finish_reason == "length"
-    assert out.token_ids == _sliding_greedy(lm.model, prompt, 100, lm.model.config.block_size)
-    assert "".join(lm.stream(prompt, slide=True, max_new_tokens=100, **GREEDY)) == out.text
+        lm.complete([prompt], cfg)
+    out = lm.complete([prompt, prompt[:2]], cfg, slide=True)[0]
+    assert out.completion_tokens == 140 and out.finish_reason == "length"
+    assert out.token_ids == _sliding_greedy(lm.model, prompt, 140, lm.model.config.block_size)
+    assert "".join(lm.stream(prompt, slide=True, max_new_tokens=140, **GREEDY)) == out.text
+
+
+def test_sliding_context_keeps_the_prompt_embeddings_in_view(peer, tokenizer):
+    """A prompt given as input embeddings (as images are) slides like its tokens: with the tokens' own
+    embeddings, the rows prefilled again read the part of the prompt still in view and give the same tokens
+    (a 16-token window over a 12-token prompt and 30 new tokens)."""
+    _, model = peer
+    prompt = random_prompts([12], seed=3)[0]
+    cfg = SamplingConfig(max_new_tokens=30, **GREEDY)
+    with torch.no_grad():
+        embeds = model.transformer.wte(torch.tensor(prompt))
+
+    def run(**given) -> list[int]:
+        decoder = Decoder(model, tokenizer, max_batch=1, max_len=16, slide=True)
+        slot = decoder.add(prompt, cfg, **given)
+        tokens = []
+        while decoder.active:
+            tokens.append(decoder.step()[slot].token_id)
+        return tokens
+    assert run(embeds=embeds) == run() and len(run()) == 30
 
 
 # --- CPU weight formats ----------------------------------------------------------------------------------------------

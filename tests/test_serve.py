@@ -258,8 +258,9 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     expected = {}  # (0 completion | 1 chat, prompt, max_tokens) -> the text generated in-process
     for max_tokens in {j[3] for j in jobs}:
         texts = lm.generate(prompts, max_new_tokens=max_tokens, temperature=0)
-        chats = lm.generate([chat_ids(lm, [{"role": "user", "content": p}]) for p in prompts],
-                            max_new_tokens=max_tokens, temperature=1.0, seed=11, stop=list(CHAT.stop))
+        # each chat request alone has seed 11 (in one seeded batch, prompt i would sample with 11 + i)
+        chats = [lm.generate([chat_ids(lm, [{"role": "user", "content": p}])], max_new_tokens=max_tokens,
+                             temperature=1.0, seed=11, stop=list(CHAT.stop))[0] for p in prompts]
         for prompt, text, chat in zip(prompts, texts, chats, strict=True):
             expected[0, prompt, max_tokens], expected[1, prompt, max_tokens] = text, chat
 
