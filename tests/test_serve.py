@@ -138,6 +138,13 @@ def test_every_sequence_of_a_seeded_request_has_its_own_seed(client):
     assert both == texts("ROMEO:", 42) + texts("JULIET:", 44)
 
 
+def test_beam_search_requests_are_refused_not_ignored(client):
+    for extra in ({"use_beam_search": True}, {"best_of": 3}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(extra))):
+            client.completions.create(model="tiny-chat", prompt="Once", max_tokens=4, temperature=0.8,
+                                      extra_body=extra)
+
+
 def test_logprobs(client, lm):
     out = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs

@@ -153,6 +153,11 @@ class Handlers:
         """One SamplingConfig per choice of a prompt (the Run gives every sequence its own seed)."""
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        extra = req.model_extra or {}
+        for name in ("use_beam_search", "best_of"):  # vLLM's and OpenAI's beam / best-of-n: not served
+            if extra.get(name) not in (None, False, 1):
+                raise APIError(400, f"{name} is not supported: the server samples (set n for several samples; "
+                               "beam search is `gptlab generate --num-beams`)", param=name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if not all(stop):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop")
