@@ -154,8 +154,10 @@ class Handlers:
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         extra = req.model_extra or {}
-        for name in ("use_beam_search", "best_of"):  # vLLM's and OpenAI's beam / best-of-n: not served
-            if extra.get(name) not in (None, False, 1):
+        # vLLM's beam search and OpenAI's best-of-n (best_of 1 is plain sampling): not served
+        for name, asked in (("use_beam_search", bool(extra.get("use_beam_search"))),
+                            ("best_of", extra.get("best_of") not in (None, 1))):
+            if asked:
                 raise APIError(400, f"{name} is not supported: the server samples (set n for several samples; "
                                "beam search is `gptlab generate --num-beams`)", param=name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
