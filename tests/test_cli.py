@@ -1,10 +1,15 @@
 """The command line as a user drives it: real processes, real files, exit codes and messages."""
 
+import argparse
+import inspect
 import json
+import subprocess
+import sys
 
 import pytest
 
 from gptlab import cli, metrics
+from gptlab.cli.common import default_text, has_default
 from gptlab.errors import GptlabError
 from tests.conftest import run_cli
 
@@ -103,3 +108,47 @@ def test_only_gptlab_errors_are_one_line_a_bug_keeps_its_traceback(monkeypatch, 
     else:
         with pytest.raises(type(error), match="a bug"):  # propagates: Python prints its traceback
             cli.main(["plot", "RUN"])
+
+
+def _commands(parser, path=()):
+    """Every (sub-)command's parser with its words: gptlab, gptlab train, ..., gptlab eval perplexity."""
+    yield list(path), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+HELP_OF_EVERY_COMMAND = f"""
+import argparse, contextlib, io, sys
+from gptlab import cli
+{inspect.getsource(_commands)}
+words = [w for w, _ in _commands(cli.build_parser())]
+for command in words:
+    out = io.StringIO()
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):
+        cli.main([*command, "--help"])
+    assert out.getvalue().startswith("usage: gptlab"), command
+print(len(words), "torch" in sys.modules)
+"""
+
+
+def test_help_imports_no_torch():
+    """`gptlab --help` and every sub-command's --help print without importing torch (it took seconds)."""
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_COMMAND], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    count, torch_loaded = result.stdout.split()
+    assert int(count) > 20 and torch_loaded == "False"
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    """One help format everywhere: each option with a default (not None, off or empty) shows it in --help;
+    finetune's help has no pretraining-only flag or default."""
+    for words, parser in _commands(cli.build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and has_default(action.default):
+                assert default_text(action.default).replace("%%", "%") in text, (words, action.option_strings)
+    finetune = " ".join(dict((" ".join(w), p) for w, p in _commands(cli.build_parser()))["finetune"].format_help().split())
+    assert "--preset" not in finetune and "shakespeare" not in finetune and "--data DATA required" in finetune

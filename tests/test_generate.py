@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from gptlab import checkpoint, hf
+from gptlab import checkpoint, cli, hf
 from gptlab.beam import beam_search
-from gptlab.config import GPTConfig
+from gptlab.cli.inference import unescape
+from gptlab.config import ConfigError, GPTConfig
 from gptlab.cpu import layers, prepare_inference
 from gptlab.cpu.layers import CPULinear, Int8Linear
 from gptlab.errors import ContextLengthError
@@ -153,6 +154,16 @@ def test_same_seed_same_text(lm):
     b = lm.generate(["Hello", "The"], max_new_tokens=12, temperature=1.0, seed=7)
     c = lm.generate(["Hello", "The"], max_new_tokens=12, temperature=1.0, seed=8)
     assert a == b and a != c and len(a) == 2
+
+
+def test_a_seeded_batch_gives_every_prompt_its_own_seed(lm):
+    """Prompt i samples with seed + i: the same prompt twice in one seeded batch gives two different texts,
+    each the text that prompt gives alone with its own seed."""
+    sampled = dict(max_new_tokens=12, temperature=1.0)
+    twice = lm.generate(["ROMEO:", "ROMEO:"], seed=7, **sampled)
+    assert twice[0] != twice[1]
+    assert twice == [lm.generate("ROMEO:", seed=7, **sampled)[0], lm.generate("ROMEO:", seed=8, **sampled)[0]]
+    assert SamplingConfig(seed=None).for_sequence(3).seed is None
 
 
 def test_per_slot_sampling_configs_in_one_batch(lm):
@@ -302,6 +313,64 @@ def test_prompt_longer_than_context_raises(lm):
         lm.generate("hi", num_beams=0)
 
 
+def test_beam_search_refuses_the_sampling_settings_it_would_ignore(lm):
+    with pytest.raises(ConfigError, match="does not use --temperature, --top-k: drop them"):
+        lm.generate("hi", num_beams=4, temperature=0.8, top_k=5, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="does not use --stop: drop it"):
+        lm.generate("hi", num_beams=2, stop=["x"], max_new_tokens=4)
+    with pytest.raises(ConfigError, match="--slide-context"):
+        lm.generate("hi", num_beams=2, slide=True, max_new_tokens=4)
+    # greedy (temperature 0), the length and the end-of-text settings are beam search's own
+    assert len(lm.generate("hi", num_beams=2, temperature=0, max_new_tokens=4, ignore_eos=True)) == 1
+
+
+def _sliding_greedy(model, prompt: list[int], new_tokens: int, context: int) -> list[int]:
+    """The sliding context spelled out with full forward passes: once prompt + output overflow the
+    context, the window restarts from its newest half."""
+    ids, start = list(prompt), 0
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            if len(ids) - start > context:
+                start = len(ids) - context // 2
+            ids.append(int(model(torch.tensor([ids[start:]]))[0][0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_sliding_context_generates_past_the_context(peer, tokenizer):
+    """Opt-in: 140 tokens after a 12-token prompt from a 128-token model, each the greedy token of the window
+    the slide keeps (batched with another prompt, and streamed); without it the request is refused."""
+    _, model = peer
+    lm = LanguageModel(model, tokenizer)
+    prompt = random_prompts([12], seed=3)[0]
+    cfg = SamplingConfig(max_new_tokens=140, **GREEDY)
+    with pytest.raises(ContextLengthError):
+        lm.complete([prompt], cfg)
+    out = lm.complete([prompt, prompt[:2]], cfg, slide=True)[0]
+    assert out.completion_tokens == 140 and out.finish_reason == "length"
+    assert out.token_ids == _sliding_greedy(lm.model, prompt, 140, lm.model.config.block_size)
+    assert "".join(lm.stream(prompt, slide=True, max_new_tokens=140, **GREEDY)) == out.text
+
+
+def test_sliding_context_keeps_the_prompt_embeddings_in_view(peer, tokenizer):
+    """A prompt given as input embeddings (as images are) slides like its tokens: with the tokens' own
+    embeddings, the rows prefilled again read the part of the prompt still in view and give the same tokens
+    (a 16-token window over a 12-token prompt and 30 new tokens)."""
+    _, model = peer
+    prompt = random_prompts([12], seed=3)[0]
+    cfg = SamplingConfig(max_new_tokens=30, **GREEDY)
+    with torch.no_grad():
+        embeds = model.transformer.wte(torch.tensor(prompt))
+
+    def run(**given) -> list[int]:
+        decoder = Decoder(model, tokenizer, max_batch=1, max_len=16, slide=True)
+        slot = decoder.add(prompt, cfg, **given)
+        tokens = []
+        while decoder.active:
+            tokens.append(decoder.step()[slot].token_id)
+        return tokens
+    assert run(embeds=embeds) == run() and len(run()) == 30
+
+
 # --- CPU weight formats ----------------------------------------------------------------------------------------------
 
 def plain_model(peer) -> GPT:
@@ -419,13 +488,43 @@ def test_cli_generate_stream_beams_int8(ckpt, lm):
     assert beams.returncode == 0 and beams.stdout == f"Hello{int8_beams[0]}\n", beams.stderr
 
 
-@pytest.mark.parametrize("flags,needle", [(["--top-p", "1.5"], "top_p"), (["--quantize", "int4"], "invalid choice"),
-                                          (["--stream", "--num-beams", "2"], "--stream")])
-def test_cli_bad_generation_flags_exit_2(ckpt, flags, needle):
-    result = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "hi", *flags)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+@pytest.mark.parametrize("flags,needle", [
+    (["--top-p", "1.5"], "top_p"), (["--quantize", "int4"], "invalid choice"), (["--stream", "--num-beams", "2"], "--stream"),
+    (["--num-beams", "4", "--temperature", "0.8", "--top-k", "5"], "does not use --temperature, --top-k: drop them"),
+    (["--stop", "\\x4"], "bad escape sequence"),
+    (["--prompt-lookup", "--slide-context"], "--slide-context"),
+])
+def test_cli_bad_generation_flags_exit_2(ckpt, capsys, flags, needle):
+    """Bad values, and flags that would be ignored or misread, are refused before the model loads: one
+    `gptlab: error:` line, exit 2 (in process: a bug would raise its own exception here, not SystemExit)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--ckpt", str(ckpt), "--prompt", "hi", *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("gptlab: error:")
+    assert needle in lines[0], lines[0]
+
+
+def test_cli_stop_strings_take_escape_sequences(ckpt, lm, capsys):
+    """`--stop` reads like a Python string literal: "\\n\\n" is a blank line, and a stop written as \\uXXXX
+    escapes stops generation at that text."""
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\\\nb") == "a\\nb" and unescape("é日\\t") == "é日\t"
+    expected = lm.generate("Hello", max_new_tokens=8, **GREEDY)[0]
+    stop = expected[3:6]
+    escaped = "".join(f"\\u{ord(c):04x}" for c in stop)
+    cli.main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos",
+              "--prompt", "Hello", "--stop", escaped])
+    assert capsys.readouterr().out == "Hello" + expected[: expected.index(stop)] + "\n"
+
+
+def test_cli_slide_context(ckpt, lm, capsys):
+    """--slide-context generates past the 64-token context what the library's slide gives; without it: exit 2."""
+    flags = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "80", "--temperature", "0", "--ignore-eos",
+             "--prompt", "Hello"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(flags)
+    assert exit_info.value.code == 2 and "maximum context length is 64" in capsys.readouterr().err
+    cli.main([*flags, "--slide-context"])
+    assert capsys.readouterr().out == "Hello" + lm.generate("Hello", max_new_tokens=80, slide=True, **GREEDY)[0] + "\n"
 
 
 def _greedy_one_by_one(model, prompt: list[int], new_tokens: int) -> list[int]:

@@ -126,6 +126,25 @@ def test_n_choices_and_seed(client):
     assert sample() == first and len(set(first)) == 3  # same seed: same samples; each choice its own
 
 
+def test_every_sequence_of_a_seeded_request_has_its_own_seed(client):
+    """Prompt p's choice c samples with seed + p * n + c: two prompts with n=2 give four different texts, each
+    what a one-prompt request with that seed gives (so a rerun repeats them)."""
+    def texts(prompt, seed: int) -> list[str]:
+        out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=8, n=2, seed=seed,
+                                        temperature=1.0)
+        return [c.text for c in out.choices]
+    both = texts(["ROMEO:", "JULIET:"], 42)
+    assert len(set(both)) == 4
+    assert both == texts("ROMEO:", 42) + texts("JULIET:", 44)
+
+
+def test_beam_search_requests_are_refused_not_ignored(client):
+    for extra in ({"use_beam_search": True}, {"best_of": 3}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(extra))):
+            client.completions.create(model="tiny-chat", prompt="Once", max_tokens=4, temperature=0.8,
+                                      extra_body=extra)
+
+
 def test_logprobs(client, lm):
     out = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs
@@ -246,8 +265,9 @@ def test_load_32_clients_mixed_streaming_none_lost(server, lm):
     expected = {}  # (0 completion | 1 chat, prompt, max_tokens) -> the text generated in-process
     for max_tokens in {j[3] for j in jobs}:
         texts = lm.generate(prompts, max_new_tokens=max_tokens, temperature=0)
-        chats = lm.generate([chat_ids(lm, [{"role": "user", "content": p}]) for p in prompts],
-                            max_new_tokens=max_tokens, temperature=1.0, seed=11, stop=list(CHAT.stop))
+        # each chat request alone has seed 11 (in one seeded batch, prompt i would sample with 11 + i)
+        chats = [lm.generate([chat_ids(lm, [{"role": "user", "content": p}])], max_new_tokens=max_tokens,
+                             temperature=1.0, seed=11, stop=list(CHAT.stop))[0] for p in prompts]
         for prompt, text, chat in zip(prompts, texts, chats, strict=True):
             expected[0, prompt, max_tokens], expected[1, prompt, max_tokens] = text, chat
 

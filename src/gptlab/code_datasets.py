@@ -9,8 +9,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptlab.data import DataError
 from gptlab.dataset_registry import Record, source, split_of
+from gptlab.errors import DataError
 
 # (name, arguments, docstring with {k}, body with {k}, reference implementation, input generator)
 FUNCTION_FAMILIES = (

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gptlab import tokenizer as tok
 from gptlab.cleaning import CleanConfig, Cleaner
-from gptlab.errors import GptlabError, require_package
+from gptlab.errors import DataError, require_package
 from gptlab.tokenizer import Tokenizer
 
 SHAKESPEARE_VAL_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "julius-caesar")
@@ -29,10 +29,6 @@ ENCODE_BATCH = 256  # documents encoded per parallel batch
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
 PARALLEL_BYTES = 32 << 20  # corpus bytes per worker process before `prepare` starts another one
 VAL_PERCENT = 10
-
-
-class DataError(GptlabError):
-    """Input data is missing, unreadable or empty."""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.data import DataError
-from gptlab.errors import require_package
+from gptlab.errors import DataError, require_package
 from gptlab.outputs import atomic_directory, check_new_output
 
 SPLITS = ("train", "val", "test")

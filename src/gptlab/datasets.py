@@ -24,9 +24,8 @@ from pathlib import Path
 
 from gptlab import synthetic
 from gptlab.code_datasets import python_docstrings, python_sources, synthetic_functions
-from gptlab.data import DataError
 from gptlab.dataset_registry import SOURCES, SPLITS, Record, build, package_file, source, split_of
-from gptlab.errors import require_package
+from gptlab.errors import DataError, require_package
 
 # the one entry point for the data-building commands: every reader registered, the registry re-exported
 __all__ = ["SOURCES", "SPLITS", "build", "python_docstrings", "python_sources", "split_of", "synthetic_functions"]

@@ -21,6 +21,10 @@ class ContextLengthError(GptlabError):
     """A prompt plus the tokens asked for do not fit the model's context."""
 
 
+class DataError(GptlabError):
+    """Input data is missing, unreadable or empty."""
+
+
 class MissingPackageError(GptlabError):
     """An optional package that a command needs is not installed."""
 
@@ -35,8 +39,9 @@ def require_package(module: str, install: str, purpose: str) -> Path:
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
-    """The one context-budget rule: the prompt and every token to generate must fit the context (there is
-    no sliding window). The server maps the error to 400; the terminal chat trims its history before."""
+    """The one context-budget rule: the prompt and every token to generate must fit the context, unless
+    generation opts into a sliding context (`slide=True`, `gptlab generate --slide-context`). The server maps
+    the error to 400; the terminal chat trims its history before."""
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_new_tokens} "
                                  f"were requested ({prompt_tokens} in the prompt, {max_new_tokens} to generate); "

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from gptlab.config import ConfigError
 from gptlab.errors import GptlabError, check_context
 from gptlab.model import GPT, KVCache
 from gptlab.sampling import SamplingConfig, filter_logits
@@ -108,6 +109,7 @@ class _Sequence:
         self.prompt_len = len(prompt)
         self.embeds = embeds  # the prompt's input embeddings when they are not just its tokens' (images)
         self.tokens = list(prompt)
+        self.start = 0  # tokens[start:] are in the cache row (start > 0 once a sliding context has moved)
         self.cfg = cfg
         self.stop_ids = stop_ids
         self.prefilled = False
@@ -153,17 +155,22 @@ class Decoder:
 
     `add` registers a prompt (its prefill runs in the next `step`, batched with other new prompts);
     each `step` produces one token for every active slot; a slot whose event has a finish_reason is
-    free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context):
-    there is no sliding window, a longer request is refused with ContextLengthError.
+    free again. Prompt + max_new_tokens must fit in `max_len` (default: the model's context), else
+    ContextLengthError. With `slide=True` a sequence may run past it instead (nanoGPT crops its input to the
+    context; llama.cpp calls it a context shift): a longer prompt keeps its last `max_len` tokens, and when a
+    row is full its newest half is prefilled again and generation goes on, so the model no longer sees the
+    start (a prefill every max_len / 2 tokens rather than nanoGPT's full forward pass for every token).
     With `speculation`, a decode pass also checks guesses (gptlab.speculative) and `step_many` may give a
     slot several tokens; greedy output stays the model's own, sampling keeps its distribution.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8,
                  device: torch.device | str | None = None, max_len: int | None = None,
-                 speculation: SpeculativeConfig | None = None) -> None:
+                 speculation: SpeculativeConfig | None = None, slide: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if slide and speculation is not None:  # the draft model's cache and guesses assume a fixed start
+            raise ConfigError("a sliding context (--slide-context) does not combine with speculative decoding")
         block = model.config.block_size
         if max_len is not None and not 0 < max_len <= block:
             raise ValueError(f"max_len must be in [1, {block}] (the model's context), got {max_len}")
@@ -173,6 +180,7 @@ class Decoder:
         self.vocab_size = model.config.vocab_size
         self.cache = KVCache(model.config, max_batch, max_len, self.device, model.transformer.wte.weight.dtype)
         self._slots: list[_Sequence | None] = [None] * max_batch
+        self.slide = slide
         self.speculation = speculation
         self.proposer = speculation and speculation.proposer(model, max_batch, self.cache.max_len, self.device)
         self.usage = SpecUsage()  # every sequence's, summed (logs)
@@ -193,7 +201,8 @@ class Decoder:
             raise GptlabError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise GptlabError(f"prompt token ids must be in [0, {self.vocab_size})")
-        check_context(len(prompt), cfg.max_new_tokens, self.cache.max_len)
+        if not self.slide:
+            check_context(len(prompt), cfg.max_new_tokens, self.cache.max_len)
         if embeds is not None and embeds.shape != (len(prompt), self.model.config.n_embd):
             raise ValueError(f"embeds must be ({len(prompt)}, {self.model.config.n_embd}), got {tuple(embeds.shape)}")
         if None not in self._slots:
@@ -202,7 +211,9 @@ class Decoder:
         stop_ids = set(cfg.stop_token_ids)
         if not cfg.ignore_eos:
             stop_ids.add(self.tokenizer.eot_id)
-        self._slots[slot] = _Sequence(prompt, cfg, stop_ids, self.vocab_size, self.device, embeds)
+        seq = _Sequence(prompt, cfg, stop_ids, self.vocab_size, self.device, embeds)
+        seq.start = max(len(prompt) - self.cache.max_len, 0)  # sliding: a prompt longer than a row keeps its end
+        self._slots[slot] = seq
         return slot
 
     def cancel(self, slot: int) -> None:
@@ -221,6 +232,9 @@ class Decoder:
         """Decode the running slots, prefill the newly added ones: (slot, event) in order, one event per
         active slot, or several with speculation; a slot's last event may have a finish_reason."""
         events: list[tuple[int, TokenEvent]] = []
+        for seq in self._slots:  # sliding: a full row is prefilled again from the newest half of its tokens
+            if seq is not None and seq.prefilled and len(seq.tokens) - seq.start > self.cache.max_len:
+                seq.start, seq.prefilled = len(seq.tokens) - max(self.cache.max_len // 2, 1), False
         running = [i for i, s in enumerate(self._slots) if s is not None and s.prefilled]
         if running:
             k = self._num_guesses(running)
@@ -289,13 +303,13 @@ class Decoder:
         tokens, positions = [0] * n, [0] * n
         for i in running:
             seq = self._slots[i]
-            tokens[i], positions[i] = seq.tokens[-1], len(seq.tokens) - 1
+            tokens[i], positions[i] = seq.tokens[-1], len(seq.tokens) - 1 - seq.start
         idx = torch.tensor(tokens, device=self.device)[:, None]
         logits = self.model.forward_cached(idx, self.cache, slice(0, n), positions, prefill=False)
         return self._sample(running, logits[running] if len(running) < n else logits)
 
     def _prefill(self, new: list[int]) -> dict[int, TokenEvent]:
-        prompts = [self._slots[i].tokens for i in new]
+        prompts = [self._slots[i].tokens[self._slots[i].start:] for i in new]
         width = max(map(len, prompts))
         idx = torch.zeros(len(new), width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -307,8 +321,10 @@ class Decoder:
         if any(self._slots[i].embeds is not None for i in new):  # images: their embeddings replace the slots'
             embeds = self.model.transformer.wte(idx)
             for row, i in enumerate(new):
-                if (seq_embeds := self._slots[i].embeds) is not None:
-                    embeds[row, : len(seq_embeds)] = seq_embeds.to(embeds.dtype)
+                seq = self._slots[i]
+                if seq.embeds is not None and seq.start < len(seq.embeds):  # the part of the prompt still in view
+                    kept = seq.embeds[seq.start:]
+                    embeds[row, : len(kept)] = kept.to(embeds.dtype)
         logits = self.model.forward_cached(idx, self.cache, rows, [0] * len(new), prefill=True, last=last,
                                            embeds=embeds)
         for i in new:
@@ -434,16 +450,18 @@ class Scheduler:
 
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], configs: list[SamplingConfig],
              max_batch: int = 8, speculation: SpeculativeConfig | None = None,
-             embeds: Sequence[torch.Tensor | None] | None = None) -> list[Completion]:
+             embeds: Sequence[torch.Tensor | None] | None = None, slide: bool = False) -> list[Completion]:
     """Generate for every token prompt with its config, up to `max_batch` at a time with continuous batching:
     a finished sequence's slot goes to the next waiting prompt at once. Every prompt is checked against the
-    context before any work starts. embeds: per prompt, its input embeddings if not only its tokens' (images)."""
+    context before any work starts (`slide`: generation may run past it, see Decoder). embeds: per prompt, its
+    input embeddings if not only its tokens' (images)."""
     block = model.config.block_size
     for ids, cfg in zip(prompts, configs, strict=True):
-        check_context(len(ids), cfg.max_new_tokens, block)
+        if not slide:
+            check_context(len(ids), cfg.max_new_tokens, block)
     longest = max(len(ids) + cfg.max_new_tokens for ids, cfg in zip(prompts, configs, strict=True))
-    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=longest,
-                                  speculation=speculation))
+    scheduler = Scheduler(Decoder(model, tokenizer, min(max_batch, len(prompts)), max_len=min(longest, block),
+                                  speculation=speculation, slide=slide))
     results: list[Completion | None] = [None] * len(prompts)
     events: list[list[TokenEvent]] = [[] for _ in prompts]
     waiting = deque(range(len(prompts)))

@@ -24,6 +24,19 @@ from gptlab.vision import VisionTower, encode_prompt, load_image, splice
 
 Image = bytes | str | Path | torch.Tensor  # encoded bytes, a file, or pixels (3, S, S) in [0, 1]
 
+BEAM_FIELDS = ("max_new_tokens", "stop_token_ids", "ignore_eos")  # the SamplingConfig fields beam search uses
+
+
+def check_beam_settings(cfg: SamplingConfig, slide: bool = False) -> None:
+    """Refuse what beam search would ignore (the sampling controls, stop strings, a seed, a sliding context)
+    rather than drop it silently; temperature 0 (greedy) is allowed: deterministic, like beam search."""
+    ignored = [name for name in cfg.changed() if name not in BEAM_FIELDS and not (name == "temperature" and cfg.greedy)]
+    ignored += ["slide_context"] * slide
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise ConfigError(f"beam search picks the most likely tokens and does not use {flags}: drop "
+                          f"{'it' if len(ignored) == 1 else 'them'}, or sample with --num-beams 1")
+
 
 class LanguageModel:
     """A model with its tokenizer, ready to generate: what `gptlab.load(path)` returns."""
@@ -127,26 +140,33 @@ class LanguageModel:
 
     def complete(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  cfg: SamplingConfig | None = None, images: Sequence[Image] | Sequence[Sequence[Image]] | None = None,
-                 ) -> list[Completion]:
-        """Generate for every prompt (text or token ids), up to `max_batch` at a time; `images` as in generate."""
+                 slide: bool = False) -> list[Completion]:
+        """Generate for every prompt (text or token ids), up to `max_batch` at a time; `images` as in generate.
+        Prompt i samples with `cfg.for_sequence(i)` (seed + i); `slide`: generation may run past the context
+        (see gptlab.generate.Decoder)."""
         encoded, embeds = self._prepare(prompts, images)
-        return complete(self.model, self.tokenizer, encoded, [cfg or SamplingConfig()] * len(encoded), self.max_batch,
-                        self.speculation, embeds)
+        cfg = cfg or SamplingConfig()
+        configs = [cfg.for_sequence(i) for i in range(len(encoded))]
+        return complete(self.model, self.tokenizer, encoded, configs, self.max_batch, self.speculation, embeds, slide)
 
     def generate(self, prompts: str | Sequence[str], num_beams: int = 1, length_penalty: float = 1.0,
-                 images: Sequence[Image] | Sequence[Sequence[Image]] | None = None, **sampling) -> list[str]:
+                 images: Sequence[Image] | Sequence[Sequence[Image]] | None = None, slide: bool = False,
+                 **sampling) -> list[str]:
         """Continuations of each prompt (the prompt itself is not repeated).
 
         images: for a multimodal model, the images of a prompt with one `<image>` placeholder per image
         (a list per prompt when several prompts are given); they are embedded where their placeholders are.
+        slide: let generation run past the context, dropping its oldest tokens (see gptlab.generate.Decoder).
 
-        `sampling` takes the fields of SamplingConfig; num_beams > 1 runs beam search instead
-        (it uses max_new_tokens, stop_token_ids and ignore_eos; not the sampling controls).
+        `sampling` takes the fields of SamplingConfig (with a seed, prompt i samples with seed + i);
+        num_beams > 1 runs beam search instead, which uses max_new_tokens, stop_token_ids and ignore_eos
+        only: any other sampling setting is refused (ConfigError).
         """
         cfg = SamplingConfig(**sampling)
         if num_beams > 1 and images is not None:
             raise ConfigError("beam search takes no images: use num_beams=1")
         if num_beams > 1:
+            check_beam_settings(cfg, slide)
             eos = [*cfg.stop_token_ids, *([] if cfg.ignore_eos else [self.tokenizer.eot_id])]
             outputs = []
             for ids in self._encode(prompts):
@@ -155,14 +175,16 @@ class LanguageModel:
             return outputs
         if num_beams < 1:
             raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
-        return [c.text for c in self.complete(prompts, cfg, images)]
+        return [c.text for c in self.complete(prompts, cfg, images, slide)]
 
-    def stream(self, prompt: str | Sequence[int], images: Sequence[Image] | None = None, **sampling) -> Iterator[str]:
-        """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string)."""
+    def stream(self, prompt: str | Sequence[int], images: Sequence[Image] | None = None, slide: bool = False,
+               **sampling) -> Iterator[str]:
+        """Yield text pieces as tokens arrive (never half a UTF-8 character, never a stop string); `images` and
+        `slide` as in generate."""
         cfg = SamplingConfig(**sampling)
         (ids,), embeds = self._prepare([prompt], None if images is None else [images])
         decoder = Decoder(self.model, self.tokenizer, 1, self.device,
-                          min(len(ids) + cfg.max_new_tokens, self.model.config.block_size), self.speculation)
+                          min(len(ids) + cfg.max_new_tokens, self.model.config.block_size), self.speculation, slide)
         decoder.add(ids, cfg, None if embeds is None else embeds[0])
         while True:
             for _, event in decoder.step_many():

@@ -4,11 +4,13 @@ it selects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 from gptlab.config import ConfigError
+
+if TYPE_CHECKING:  # the filters use tensor methods only, so the CLI reads SamplingConfig without loading torch
+    import torch
 
 # Bounds where float32 sampling arithmetic stays finite: logits are divided by the temperature and by (or
 # multiplied with) the repetition penalty, and a logit of ~1e4 over 1e-40 overflows to inf, which makes the
@@ -66,6 +68,17 @@ class SamplingConfig:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ConfigError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
 
+    def for_sequence(self, index: int) -> SamplingConfig:
+        """The config of a request's index-th sequence: seed + index, so each sequence of a seeded request
+        draws its own random stream (vLLM and transformers reuse one stream per request, which gives the same
+        prompt the same text in every row) and the same request with the same seed repeats every one."""
+        return self if self.seed is None or index == 0 else replace(self, seed=self.seed + index)
+
+    def changed(self) -> list[str]:
+        """The fields set away from their defaults."""
+        default = SamplingConfig()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -79,10 +92,10 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, top-p (nucleus) and min-p filtering of (B, vocab) logits."""
     logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_logits, order = logits.sort(descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         # drop a token once the mass before it already reaches top_p; the first token always stays (a top_p
         # that float32 rounds to 0, such as 5e-324, would otherwise drop every token: a NaN distribution)

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from gptlab.device import PRECISIONS
+from gptlab.cli.common import add_model_flags, choices_of
+from gptlab.config import TrainConfig
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -32,14 +33,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("predict", help="labels, tags or answers for unlabelled inputs from a fine-tuned checkpoint")
-    p.add_argument("--ckpt", required=True, help="a classifier, tagger or language-model checkpoint")
+    add_model_flags(p, quantize=False, ckpt_help="a classifier, tagger or language-model checkpoint")
     p.add_argument("--input", metavar="FILE.jsonl",
                    help='one input per line: {"text"} (classify, tag), {"tokens"} (tag), {"instruction"} or '
                         '{"messages"} (sft); other keys are ignored')
     p.add_argument("--text", action="append", metavar="TEXT", help="an input text (repeatable)")
     p.add_argument("--out", help="write the JSONL here (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="inputs predicted together")
     p.add_argument("--max-new-tokens", type=int, default=64, help="language models: the longest answer")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--precision", choices=choices_of(TrainConfig, "precision"), default="auto",
+                   help="auto: bf16-mixed where the device runs bf16 natively, else fp32")
     p.set_defaults(func=cmd_predict)

@@ -62,22 +62,22 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     add_ckpt_flag(m)
     m.add_argument("--data", required=True, help="the prepared dataset the model was trained on")
     m.add_argument("--prefix-lengths", type=_ints, default=[8, 16, 32], metavar="K,K,...",
-                   help="prefix lengths k (default: 8,16,32)")
-    m.add_argument("--suffix-length", type=int, default=16, metavar="N", help="tokens to reproduce (default: 16)")
-    m.add_argument("--windows", type=int, default=200, metavar="N", help="windows per split (default: 200)")
+                   help="prefix lengths k")
+    m.add_argument("--suffix-length", type=int, default=16, metavar="N", help="tokens to reproduce")
+    m.add_argument("--windows", type=int, default=200, metavar="N", help="windows per split")
     m.add_argument("--candidates", type=int, default=1000, metavar="N",
-                   help="random secrets each canary is ranked against (default: 1000)")
-    m.add_argument("--seed", type=int, default=0)
+                   help="random secrets each canary is ranked against")
+    m.add_argument("--seed", type=int, default=0, help="seed of the windows and the candidate secrets")
     m.add_argument("--out", help="directory for memorization.json and memorization.png")
     m.set_defaults(func=cmd_memorization)
 
     b = asub.add_parser("bias", help="counterfactual sentence pairs: log-likelihood gap per attribute with a "
-                                     "bootstrap 95% CI, share preferring the stereotype")
+                                     "bootstrap 95%% CI, share preferring the stereotype")
     add_ckpt_flag(b)
-    b.add_argument("--lang", choices=("en", "zh"), default="en", help="bundled template set (default: en)")
+    b.add_argument("--lang", choices=("en", "zh"), default="en", help="bundled template set")
     b.add_argument("--templates", help="a template file of your own (see src/gptlab/audit/templates/bias_en.json)")
-    b.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (default: 2000)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples")
+    b.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     b.add_argument("--out", help="directory for bias.json and bias.png")
     b.set_defaults(func=cmd_bias)
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptlab.cli.common import add_ckpt_flag, fail
+from gptlab.cli.common import add_model_flags, fail
 from gptlab.cli.moderation import add_moderator_flags
 from gptlab.sampling import SamplingConfig
 from gptlab.serve import limits
@@ -35,22 +35,39 @@ def _sampling(args: argparse.Namespace, flags: tuple[str, ...] = SAMPLING_FLAGS)
     return {name: getattr(args, name) for name in flags}
 
 
+def unescape(text: str) -> str:
+    """A flag's backslash escapes read as in a Python string literal (`--stop "\\n\\n"` is two newlines)."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as err:
+        fail(f"bad escape sequence in {text!r}: {err.reason} (write a backslash as \\\\)")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.stream and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--stream takes a single --prompt and no --num-beams")
-    if (args.draft or args.prompt_lookup) and args.num_beams > 1:
+    speculative = args.draft or args.prompt_lookup
+    if speculative and args.num_beams > 1:
         fail("speculative decoding (--draft, --prompt-lookup) does not combine with --num-beams")
+    if speculative and args.slide_context:
+        fail("speculative decoding (--draft, --prompt-lookup) does not combine with --slide-context")
     sampling = _sampling(args)
+    sampling["stop"] = [unescape(stop) for stop in args.stop]
     cfg = SamplingConfig(**sampling)  # bad values fail before the model loads
     if args.image and (len(args.prompt) > 1 or args.num_beams > 1):
         fail("--image takes a single --prompt and no --num-beams")
+    if args.num_beams > 1:
+        from gptlab.language_model import check_beam_settings
+
+        check_beam_settings(cfg, args.slide_context)
     lm = _load(args)
+    slide = args.slide_context
     if args.image:
-        _generate_with_images(lm, args.prompt[0], args.image, args.stream, sampling)
+        _generate_with_images(lm, args.prompt[0], args.image, args.stream, dict(sampling, slide=slide))
         return
     if args.stream:
         print(args.prompt[0], end="", flush=True)
-        for piece in lm.stream(args.prompt[0], **sampling):
+        for piece in lm.stream(args.prompt[0], slide=slide, **sampling):
             print(piece, end="", flush=True)
         print()
         return
@@ -60,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _report_speculation(lm.speculation.method, completions)
     else:
         outputs = lm.generate(
-            args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, **sampling
+            args.prompt, num_beams=args.num_beams, length_penalty=args.length_penalty, slide=slide, **sampling
         )
     print("\n\n".join(prompt + output for prompt, output in zip(args.prompt, outputs, strict=True)))
 
@@ -209,16 +226,22 @@ def add_speculation_flags(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    add_ckpt_flag(p)
+    add_model_flags(p)
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     p.add_argument("--image", action="append", metavar="PATH",
                    help="an image for a multimodal model (repeatable): the prompt is asked about it as a user "
                         "message and only the answer is printed")
-    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens, help="tokens to generate")
+    p.add_argument(
+        "--slide-context",
+        action="store_true",
+        help="let generation run past the model's context: when it is full, the oldest tokens are dropped "
+        "(the newest half is kept) and generation goes on; without it such a request is refused",
+    )
     p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     p.add_argument("--min-p", type=float, help="drop tokens below min_p * p(most likely), in [0, 1]")
     p.add_argument(
@@ -233,7 +256,13 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument(
         "--frequency-penalty", type=float, default=SamplingConfig.frequency_penalty, help="in [-2, 2]"
     )
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop string (repeatable); backslash escapes as in Python: --stop '\\n\\n' stops at a blank line",
+    )
     p.add_argument(
         "--stop-token-id",
         dest="stop_token_ids",
@@ -244,22 +273,22 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         help="stop token id (repeatable); <|endoftext|> stops unless --ignore-eos",
     )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed of the sampling: prompt i samples with seed + i")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search instead of sampling")
+    p.add_argument(
+        "--num-beams", type=int, default=1, help="> 1: beam search instead of sampling (no sampling flags)"
+    )
     p.add_argument(
         "--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs"
     )
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     add_speculation_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /"
     )
-    add_ckpt_flag(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
     p.add_argument(
         "--api-key",
@@ -300,17 +329,16 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
             type=int,
             default=field.default,
             metavar="N",
-            help=limits.FLAGS[field.name] + ("" if field.default is None else f" (default: {field.default})"),
+            help=limits.FLAGS[field.name],
         )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
         "--max-batch-size", type=int, default=8, help="sequences decoded together; 1 turns batching off"
     )
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log messages of this level and above")
     p.add_argument("--moderate", choices=["input", "output", "both"],
                    help="refuse flagged prompts (400 content_policy_violation) and/or stop flagged output "
                    '(finish_reason "content_filter"); the moderator defaults to profanity-check')
@@ -319,23 +347,21 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal")
-    add_ckpt_flag(p)
+    add_model_flags(p)
     p.add_argument("--system", help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
     p.add_argument(
         "--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy, or in [0.01, 2]"
     )
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, help="random seed of the sampling")
     p.add_argument("--threads", type=int, help="CPU threads for torch (small models decode faster on one)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (CPU): faster, slightly less accurate")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face GPT-2 <-> gptlab checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="HF_DIR")
-    source.add_argument("--to-hf", metavar="CKPT")
-    p.add_argument("--out", required=True)
+    source.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2 directory to read")
+    source.add_argument("--to-hf", metavar="CKPT", help="a gptlab run or checkpoint to write as HF GPT-2")
+    p.add_argument("--out", required=True, help="the new checkpoint file or HF directory (never overwritten)")
     p.set_defaults(func=cmd_convert)

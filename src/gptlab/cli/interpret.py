@@ -29,6 +29,6 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--target", help="continuation whose log-probability is attributed and patched "
                                     "(default: the model's most likely next token)")
     p.add_argument("--corrupt", help="a prompt of as many tokens for activation patching")
-    p.add_argument("--ig-steps", type=int, default=64, metavar="N", help="integrated gradients steps (default: 64)")
+    p.add_argument("--ig-steps", type=int, default=64, metavar="N", help="integrated gradients steps")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.set_defaults(func=cmd_inspect)

@@ -11,12 +11,11 @@ SAFE_LABEL = "ok"  # gptlab.moderation.SAFE_LABEL (not imported here: that would
 def add_moderator_flags(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--moderator", default=default, metavar="NAME|CKPT",
                    help="profanity-check (alt-profanity-check's offline model) or the path of a "
-                   f"`gptlab finetune --task classify` checkpoint (default: {default})")
+                   "`gptlab finetune --task classify` checkpoint")
     p.add_argument("--moderation-threshold", type=float, default=0.5, metavar="P",
-                   help="a category is flagged when its score reaches P, in (0, 1] (default: 0.5)")
+                   help="a category is flagged when its score reaches P, in (0, 1]")
     p.add_argument("--safe-label", default=SAFE_LABEL,
-                   help=f"a classifier moderator's harmless label; its other labels are the categories "
-                   f"(default: {SAFE_LABEL})")
+                   help="a classifier moderator's harmless label; its other labels are the categories")
 
 
 def cmd_moderate(args: argparse.Namespace) -> None:

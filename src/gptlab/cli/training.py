@@ -8,10 +8,17 @@ import os
 import sys
 import typing
 
-from gptlab.cli.common import add_ckpt_flag, add_command_group, add_config_flags, config_flags, fail, int_list
+from gptlab.cli.common import (
+    add_command_group,
+    add_config_flags,
+    add_model_flags,
+    choices_of,
+    config_flags,
+    fail,
+    int_list,
+)
 from gptlab.config import TrainConfig
 from gptlab.datasets import SOURCES
-from gptlab.device import PRECISIONS
 
 MODEL_FLAGS = {"block_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float}
 
@@ -20,7 +27,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of training settings (flags override it)")
     add_config_flags(parser, TrainConfig)
     for name, kind in MODEL_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N", help="model override")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, metavar=name.upper(), help="overrides the preset's"
+        )
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -183,11 +192,12 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument(
         "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
     )
-    p.add_argument("--out", help="output directory (default: data/shakespeare)")
+    p.add_argument("--out", help="output directory (default: data/shakespeare; data/custom with --input, data/python "
+                                 "with --corpus python)")
     p.add_argument(
         "--strict-utf8",
         action="store_true",
-        help="refuse input with bytes that are not UTF-8 (default: replace them by U+FFFD, with a warning)",
+        help="refuse input with bytes that are not UTF-8 (without it: replace them by U+FFFD, with a warning)",
     )
     p.add_argument("--dedup", choices=("exact", "near"),
                    help="remove documents that repeat an earlier one: exactly, or also nearly (MinHash LSH)")
@@ -196,13 +206,13 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--canaries", type=int, default=0, metavar="N",
                    help="insert N random secrets per repeat count into the training split (memorization audit)")
     p.add_argument("--canary-repeats", type=int_list(1, "positive integers"), default=[1, 4, 16, 64], metavar="R,R,...",
-                   help="how often each group of canaries is inserted (default: 1,4,16,64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the canaries (default: 0)")
+                   help="how often each group of canaries is inserted")
+    p.add_argument("--seed", type=int, default=0, help="seed of the canaries")
     p.set_defaults(func=cmd_prepare)
 
     # no abbreviated flags: --nproc is removed from the command line handed to torchrun by exact name
     p = sub.add_parser(
-        "train", help="pretrain a model (defaults: tiny preset on Shakespeare)", allow_abbrev=False
+        "train", help="pretrain a model (default: the default run's preset on Shakespeare)", allow_abbrev=False
     )
     _add_train_flags(p)
     p.add_argument(
@@ -210,7 +220,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="data-parallel processes on this machine (launches torchrun; default: 1)",
+        help="data-parallel processes on this machine (launches torchrun)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -224,23 +234,32 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
         "finetune", help="adapt a pretrained model to a task (sft | classify | vqa; full | lora | freeze)"
     )
     p.add_argument("--config", help="YAML file of training and fine-tuning settings (flags override it)")
-    add_config_flags(p, TrainConfig, TRAIN_DEFAULTS)
+    # the model comes from --init: no --preset here, and the data is a directory of JSONL records
+    add_config_flags(
+        p,
+        TrainConfig,
+        {**TRAIN_DEFAULTS, "data": None},
+        skip=("preset",),
+        helps={
+            "data": "required: a directory with train.jsonl and val.jsonl (`gptlab data build NAME` writes one)",
+            "init": "required: the pretrained run, checkpoint or HF GPT-2 directory to adapt",
+        },
+    )
     add_config_flags(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
-    add_ckpt_flag(p, required=False)
+    add_model_flags(p, quantize=False, required=False)
     p.add_argument("--baseline", choices=["lead", "name"],
                    help="instead of a model: the first line of each input (lead), or the words of the name it "
                         "defines (name), scored as the answer")
     p.add_argument("--data", required=True, help="JSONL file ({text,label} or instruction/chat records)")
     p.add_argument("--max-items", type=int, help="score only the first N items")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer (SFT data)")
+    p.add_argument("--batch-size", type=int, default=32, help="items scored together")
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=choices_of(TrainConfig, "precision"),
         default="auto",
         help="auto: bf16-mixed where the device runs bf16 natively, else fp32",
     )
@@ -254,8 +273,8 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("export-lora", help="OUT/base (HF GPT-2) + OUT/adapter (PEFT) from a LoRA SFT run")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", required=True, help="a `gptlab finetune --method lora --task sft` run directory")
+    p.add_argument("--out", required=True, help="output directory (never overwritten)")
     p.set_defaults(func=cmd_export_lora)
 
     dsub = add_command_group(sub, "data", "example fine-tuning datasets", parser_class)
@@ -266,7 +285,7 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
 
     tsub = add_command_group(sub, "tokenizer", "tokenizer tools", parser_class)
     t = tsub.add_parser("train", help="train a byte-level BPE on text files")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True)
+    t.add_argument("--input", nargs="+", required=True, help="text files or directories")
+    t.add_argument("--vocab-size", type=int, required=True, help="size of the vocabulary")
+    t.add_argument("--out", required=True, help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from gptlab import lora, prompts
 from gptlab.config import ConfigError, TrainConfig, load_yaml
-from gptlab.vision import VisionConfig
+
+# imported where used: lora and vision load torch, prompts numpy, none of which `gptlab finetune --help` needs
+if TYPE_CHECKING:
+    from gptlab.lora import LoRAConfig
+    from gptlab.vision import VisionConfig
 
 # `gptlab finetune` defaults where they differ from pretraining's (a YAML file or flags override them)
 TRAIN_DEFAULTS: dict[str, Any] = dict(out="runs/finetune", max_steps=500, batch_size=16, lr=1e-3, min_lr=0.0,
@@ -55,17 +58,22 @@ class FinetuneConfig:
             raise ConfigError(f"lm_weight must be in [0, 100], got {self.lm_weight}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        from gptlab import prompts
+
         prompts.get(self.prompt_style)
         self.lora_config()  # validates the LoRA settings early
         self.vision_config()
 
     def vision_config(self) -> VisionConfig:
+        from gptlab.vision import VisionConfig
+
         return VisionConfig(encoder=self.vision_encoder, width=self.vision_width, image_tokens=self.image_tokens)
 
-    def lora_config(self) -> lora.LoRAConfig:
+    def lora_config(self) -> LoRAConfig:
+        from gptlab.lora import LoRAConfig
+
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return lora.LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                               targets=targets)
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

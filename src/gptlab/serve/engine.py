@@ -269,12 +269,14 @@ class Run:
 
     def __init__(self, engine: Engine, prompts: list[list[int]], configs: list[SamplingConfig],
                  embeds: list[torch.Tensor] | None = None) -> None:
-        """Choice i decodes prompts[i // len(configs)] with configs[i % len(configs)] (n choices per prompt);
+        """Choice i decodes prompts[i // len(configs)] with configs[i % len(configs)] (n choices per prompt),
+        seeded with the request's seed + i (SamplingConfig.for_sequence: no two choices share a random stream);
         embeds: per prompt, its input embeddings when it holds images."""
         loop = asyncio.get_running_loop()
         self.engine = engine
         self.queue: asyncio.Queue[tuple[int, TokenEvent | Exception]] = asyncio.Queue()
-        self.sequences = [GenerationJob(i, prompts[i // len(configs)], configs[i % len(configs)], self._deliver(loop, i),
+        self.sequences = [GenerationJob(i, prompts[i // len(configs)], configs[i % len(configs)].for_sequence(i),
+                                        self._deliver(loop, i),
                                         embeds=None if embeds is None else embeds[i // len(configs)])
                           for i in range(len(prompts) * len(configs))]
         self.unfinished = set(range(len(self.sequences)))

@@ -150,9 +150,16 @@ class Handlers:
 
     def configs(self, req: SamplingParams, prompts: list[list[int]], max_new_tokens: int, logprobs: int | None,
                 extra_stop: list[str]) -> list[SamplingConfig]:
-        """One SamplingConfig per choice (seeds differ per choice, so n > 1 gives n different samples)."""
+        """One SamplingConfig per choice of a prompt (the Run gives every sequence its own seed)."""
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        extra = req.model_extra or {}
+        # vLLM's beam search and OpenAI's best-of-n (best_of 1 is plain sampling): not served
+        for name, asked in (("use_beam_search", bool(extra.get("use_beam_search"))),
+                            ("best_of", extra.get("best_of") not in (None, 1))):
+            if asked:
+                raise APIError(400, f"{name} is not supported: the server samples (set n for several samples; "
+                               "beam search is `gptlab generate --num-beams`)", param=name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if not all(stop):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop")
@@ -165,9 +172,8 @@ class Handlers:
                  "frequency_penalty": req.frequency_penalty}
         try:
             return [SamplingConfig(max_new_tokens=max_new_tokens, stop=stop + extra_stop, ignore_eos=bool(req.ignore_eos),
-                                   seed=None if req.seed is None else req.seed + i, logprobs=logprobs,
-                                   **{k: v for k, v in given.items() if v is not None})
-                    for i in range(req.n or 1)]
+                                   seed=req.seed, logprobs=logprobs, **{k: v for k, v in given.items() if v is not None})
+                    for _ in range(req.n or 1)]
         except GptlabError as err:
             raise APIError(400, str(err), code="invalid_parameter") from None
 
