@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from gptlab import loading
+from gptlab import checkpoint, cli, loading
 from gptlab.errors import GptlabError
 from gptlab.finetune.config import configs_from_sources
 from gptlab.finetune.run import finetune
@@ -160,6 +160,24 @@ def test_bad_images_are_clear_errors(lm, vqa_run, tmp_path):
                      "--prompt", COLOR_Q)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"gptlab: error: {tmp_path / 'fake.png'} is not a readable image (UnidentifiedImageError)"]
+
+
+def test_merge_keeps_the_vision_tower_and_text_only_exports_refuse_it(vqa_run, vqa_data, tmp_path, capsys):
+    cli.main(["merge-lora", "--ckpt", str(vqa_run), "--out", str(tmp_path / "merged.pt")])
+    assert checkpoint.load(tmp_path / "merged.pt")["finetune"]["base"] is None  # self-contained: no base to find
+    merged = LanguageModel.load(tmp_path / "merged.pt")
+    path = vqa_data / "images" / "blue.png"
+    assert merged.generate(_prompt(merged, SHAPE_Q), images=[path], temperature=0, max_new_tokens=8) == ["triangle"]
+    assert merged.generate(_prompt(merged, COLOR_Q), images=[path], temperature=0, max_new_tokens=8) == ["blue"]
+    for command, target in ((["convert", "--to-hf", str(vqa_run)], "an HF GPT-2 export"),
+                            (["export-lora", "--ckpt", str(vqa_run)], "a PEFT adapter on an HF GPT-2 base")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--out", str(tmp_path / "export")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [
+            f"gptlab: error: {vqa_run} is a multimodal (--task vqa) run and {target} cannot hold its vision tower; "
+            "`gptlab merge-lora` writes one self-contained gptlab checkpoint with it"]
+        assert not (tmp_path / "export").exists()
 
 
 def _data_url(path) -> str:

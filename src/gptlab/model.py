@@ -319,7 +319,13 @@ class GPT(nn.Module):
         if not isinstance(self.lm_head, nn.Linear):  # int8 weights (gptlab.cpu): no matrix to chunk over
             logits = self.lm_head(x).flatten(0, 1).float()
             return None, F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
-        return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        hidden, targets = x.flatten(0, 1), targets.flatten()
+        # only positions with a target go through the LM head, the largest matmul of a small model: fine-tuning
+        # masks its prompts (a VQA example's ~40 positions train 2-5 answer tokens), pretraining masks none
+        counted = targets != IGNORE_INDEX
+        if not counted.all():
+            hidden, targets = hidden[counted], targets[counted]
+        return None, linear_cross_entropy(hidden, self.lm_head.weight, targets)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

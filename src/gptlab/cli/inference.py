@@ -204,6 +204,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         )
     else:
         loaded = loading.load(args.to_hf)
+        if loaded.vision is not None:
+            from gptlab.finetune.artifacts import refuse_vision
+
+            refuse_vision(args.to_hf, "an HF GPT-2 export")
         model, tokenizer = loaded.gpt(), loaded.tokenizer
         hf.save_hf(model, tokenizer, out)
     print(json.dumps({"out": str(out), "params": model.num_params()}))

@@ -1,5 +1,6 @@
 """What a fine-tuning run becomes: a self-contained checkpoint (`gptlab merge-lora`) or an HF GPT-2 base
-model plus a PEFT adapter (`gptlab export-lora`)."""
+model plus a PEFT adapter (`gptlab export-lora`). A multimodal run's vision tower is part of the model: a merged
+checkpoint keeps it, and formats that cannot hold it (HF GPT-2, PEFT) refuse the run (`refuse_vision`)."""
 
 from __future__ import annotations
 
@@ -18,19 +19,18 @@ from gptlab.outputs import atomic_directory, check_new_output
 def merge_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """`gptlab merge-lora`: a self-contained full checkpoint of a fine-tuned run (LoRA merged in).
 
-    SFT runs become ordinary gptlab checkpoints (that keep their prompt style); classifiers stay
-    fine-tuning checkpoints with every weight.
+    SFT runs become ordinary gptlab checkpoints (that keep their prompt style); classifiers, taggers and
+    multimodal runs stay fine-tuning checkpoints with every weight (the head or the vision tower included).
     """
     out = check_new_output(out)
     payload = checkpoint.load(ckpt)
     if "finetune" not in payload:
         raise CheckpointError(f"{ckpt} is not a `gptlab finetune` checkpoint")
     loaded, info = loading.from_payload(payload), payload["finetune"]
-    kept = {"tokenizer": payload["tokenizer"], "step": payload["step"]}
+    kept = {"tokenizer": payload["tokenizer"], "step": payload["step"], "prompt_style": loaded.prompt_style.name}
     if loaded.task == "sft":
         gpt = loaded.gpt()
-        checkpoint.save(out, {"model": gpt.state_dict(), "model_config": gpt.config.to_dict(),
-                              "prompt_style": loaded.prompt_style.name, **kept})
+        checkpoint.save(out, {"model": gpt.state_dict(), "model_config": gpt.config.to_dict(), **kept})
         return {"out": str(out), "params": gpt.num_params()}
     model = loaded.model
     if lora.lora_layers(model.gpt):
@@ -41,11 +41,20 @@ def merge_checkpoint(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     return {"out": str(out), "params": lora.count_parameters(model)[1]}
 
 
+def refuse_vision(ckpt: str | Path, target: str) -> None:
+    """The one error for exporting a multimodal run to a text-only format: writing its GPT alone would silently
+    drop the image encoder and projector the model cannot answer without."""
+    raise CheckpointError(f"{ckpt} is a multimodal (--task vqa) run and {target} cannot hold its vision tower; "
+                          f"`gptlab merge-lora` writes one self-contained gptlab checkpoint with it")
+
+
 def export_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """`gptlab export-lora`: OUT/base (HF GPT-2 export of the base model) + OUT/adapter (PEFT LoRA adapter)."""
     out = check_new_output(out)
     payload = checkpoint.load(ckpt)
     info = payload.get("finetune")
+    if info is not None and info["config"]["task"] == "vqa":
+        refuse_vision(ckpt, "a PEFT adapter on an HF GPT-2 base")
     if info is None or info["config"]["method"] != "lora" or info["config"]["task"] != "sft":
         raise CheckpointError(f"{ckpt} is not a LoRA fine-tuning of a language model (--task sft --method lora)")
     loaded = loading.from_payload(payload)

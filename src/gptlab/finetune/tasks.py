@@ -129,16 +129,16 @@ def response_loss(model: nn.Module, examples: list[SFTExample] | list[VQAExample
     for chunk in in_batches(examples, batch_size):
         if pixels is None:
             x, y = (t.to(device) for t in sft_batch(chunk, pad_id))
-            inputs = (x,)
+            inputs = (x, y)
         else:
             x, y, images = vqa_batch(chunk, pixels, pad_id)
             x, y = x.to(device), y.to(device)
-            inputs = (x, None, None if images is None else tuple(t.to(device) for t in images))
-        with autocast(device, precision):
-            logits = model(*inputs)[0]
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum").item()
-        tokens += int((y != IGNORE_INDEX).sum())
+            inputs = (x, y, None if images is None else tuple(t.to(device) for t in images))
+        counted = int((y != IGNORE_INDEX).sum())
+        if counted:  # the model's own loss: the LM head runs on the response tokens only
+            with autocast(device, precision):
+                nats += model(*inputs)[1].item() * counted
+            tokens += counted
     model.train(was_training)
     return nats / max(1, tokens)
 
@@ -175,12 +175,15 @@ def vqa_scores(model: FinetuneModel, examples: list[VQAExample], pixels: torch.T
     configs = [SamplingConfig(max_new_tokens=max(1, min(max_new_tokens, block - len(e.prompt))), temperature=0,
                               stop=list(style.stop)) for e in examples]
     embeds = []
-    for e in examples:
-        images = pixels[e.images].float().to(device) / 255
-        images = torch.zeros_like(images) if blank_images else images
-        idx = torch.tensor([e.prompt], device=device)
-        rows = torch.zeros(len(e.images), dtype=torch.long, device=device)
-        embeds.append(model.embed(idx, images, rows, torch.tensor(e.image_starts, device=device))[0])
+    for chunk in in_batches(examples, batch_size):  # the vision tower runs on a batch of images at a time
+        x, _, images = vqa_batch(chunk, pixels, tokenizer.eot_id)
+        x = x.to(device)
+        if images is None:
+            spliced = model.gpt.transformer.wte(x)
+        else:
+            pixels_in, rows, starts = (t.to(device) for t in images)
+            spliced = model.embed(x, torch.zeros_like(pixels_in) if blank_images else pixels_in, rows, starts)
+        embeds += [row[: len(e.prompt)] for row, e in zip(spliced, chunk, strict=True)]
     completions = complete(model.gpt, tokenizer, [e.prompt for e in examples], configs, batch_size, embeds=embeds)
     correct = [c.text.strip() == e.reference.strip() for c, e in zip(completions, examples, strict=True)]
     scores = {"accuracy": sum(correct) / max(1, len(correct))}
