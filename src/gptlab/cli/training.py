@@ -181,7 +181,8 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--corpus", choices=["python"],
                    help="python: this interpreter's standard library, de-duplicated (PSF licence)")
     p.add_argument(
-        "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
+        "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus) | "
+        "bpe-han:VOCAB_SIZE (each Chinese character one token)"
     )
     p.add_argument("--out", help="output directory (default: data/shakespeare)")
     p.add_argument(
