@@ -225,3 +225,19 @@ def test_predict_answers_as_the_model_generates_greedily(tiny_pretrained, capsys
         [prompt], SamplingConfig(max_new_tokens=8, temperature=0, stop=list(loaded.prompt_style.stop), logprobs=0))[0]
     assert row["output"] == expected.text and row["logprob"] == pytest.approx(sum(expected.logprobs), abs=1e-4)
     assert row["logprob"] < 0
+
+
+def test_lexicon_baseline_tags_each_word_as_training_tagged_it_most(tmp_path, capsys):
+    rows = [(["Berg", "in", "Paris"], ["B-PER", "O", "B-LOC"]), (["Anna", "Berg"], ["B-PER", "I-PER"]),
+            (["Anna", "Berg"], ["B-PER", "I-PER"]), (["Paris", "Hilton"], ["B-PER", "I-PER"])]
+    def write(name, items):
+        (tmp_path / name).write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in items))
+
+    write("train.jsonl", rows)
+    # Berg: I-PER twice, B-PER once -> I-PER, which starts an entity here (B-PER); Paris: a tie kept in
+    # first-seen order (B-LOC); Zed unseen -> O, so the reference's ORG is missed
+    write("test.jsonl", [(["Berg", "left", "Paris", "Zed"], ["B-PER", "O", "B-LOC", "B-ORG"])])
+    cli.main(["eval-task", "--baseline", "lexicon", "--data", str(tmp_path / "test.jsonl")])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["precision"] == 1.0 and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["per_type"]["ORG"]["recall"] == 0.0
