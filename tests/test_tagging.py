@@ -4,15 +4,18 @@ import json
 
 import pytest
 import requests
+import torch
 
 from gptlab import cli, datasets, evaluate
 from gptlab import tokenizer as tok
 from gptlab.data import DataError
-from gptlab.finetune.config import configs_from_sources
+from gptlab.finetune.config import FinetuneConfig, configs_from_sources
 from gptlab.finetune.data import encode_tagged, load_tag, tag_batch, word_pieces
+from gptlab.finetune.model import prepare_model
 from gptlab.finetune.predict import entities
 from gptlab.finetune.run import finetune
-from gptlab.model import IGNORE_INDEX
+from gptlab.model import GPT, IGNORE_INDEX
+from tests.conftest import tiny_model_config
 from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +46,7 @@ def ner_dir(tmp_path_factory):
     return root
 
 
-def test_only_the_first_token_of_each_word_carries_its_tag():
+def test_each_word_carries_one_tag_read_at_its_first_token_and_its_last_token_is_known():
     tokenizer = tok.load("gpt2")
     words, tags = ["Anna", "Berglundqvist", "visited", "Paris"], ["B-PER", "I-PER", "O", "B-LOC"]
     index = {t: i for i, t in enumerate(["B-LOC", "B-PER", "I-PER", "O"])}
@@ -54,9 +57,12 @@ def test_only_the_first_token_of_each_word_carries_its_tag():
         example, cut = encode_tagged(words, tags, index, tokenizer, 64, context)
         offset = sum(map(len, pieces)) + 1 if context == "echo" else 0
         starts = [offset + sum(map(len, pieces[:i])) for i in range(len(words))]
-        assert not cut and example.positions == starts
+        ends = [start + len(piece) - 1 for start, piece in zip(starts, pieces, strict=True)]
+        assert not cut and example.positions == starts and example.ends == ends
         x, positions, labels = tag_batch([example], tokenizer.eot_id)
+        assert positions[0].tolist() == [[start, end] for start, end in zip(starts, ends, strict=True)]
         assert [x[0, p].item() for p in starts] == [p[0] for p in pieces]  # read at each word's first token
+        assert [x[0, p].item() for p in ends] == [p[-1] for p in pieces]  # and its last (tag_read "span")
         assert labels[0].tolist() == [index[t] for t in tags]
         assert sum(labels[0] != IGNORE_INDEX) == len(words)  # one labelled position per word, no more
     echo, _ = encode_tagged(words, tags, index, tokenizer, 64, "echo")
@@ -64,6 +70,18 @@ def test_only_the_first_token_of_each_word_carries_its_tag():
     assert echo.ids[:n] == echo.ids[n + 1:] and echo.ids[n] == tokenizer.eot_id
     cut_example, cut = encode_tagged(words, tags, index, tokenizer, 2 * len(pieces[0]) + 1, "echo")
     assert cut and cut_example.positions == [len(pieces[0]) + 1]  # only the first word fits twice
+
+
+@pytest.mark.parametrize("read", ["first", "span"])
+def test_the_tag_head_reads_each_words_first_token_or_its_first_and_last_side_by_side(read):
+    torch.manual_seed(0)
+    model = prepare_model(GPT(tiny_model_config()), FinetuneConfig(task="tag", tag_read=read), ["B-X", "O"], False)
+    x = torch.randint(0, model.config.vocab_size, (1, 10))
+    positions = torch.tensor([[[2, 4], [5, 5], [6, 9]]])  # three words: tokens 2-4, 5, 6-9
+    with torch.no_grad():
+        hidden = model.gpt.hidden_states(x)[0]
+        states = hidden[[2, 5, 6]] if read == "first" else torch.cat([hidden[[2, 5, 6]], hidden[[4, 5, 9]]], -1)
+        assert torch.allclose(model.tag(x, positions)[0], model.head(states), atol=1e-6)
 
 
 def test_entity_scores_are_seqevals_on_a_hand_checked_case():
@@ -112,7 +130,7 @@ def test_peoples_daily_tags_follow_the_pos_tags():
 def _finetune(out, init, data, **settings):
     train = dict(init=str(init), data=str(data), out=str(out), max_steps=80, batch_size=8,
                  eval_interval=1000, ckpt_interval=1000, warmup_steps=5, precision="fp32", lr=3e-3)
-    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "from_scratch") if k in settings}
+    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "tag_read", "from_scratch") if k in settings}
     cfg, ft = configs_from_sources(None, {**train, **settings}, tune)
     return finetune(cfg, ft, log=lambda _: None)
 
@@ -120,7 +138,8 @@ def _finetune(out, init, data, **settings):
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory, tiny_pretrained, ner_dir):
     out = tmp_path_factory.mktemp("tagger") / "run"
-    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full")
+    # span: the read the People's Daily recipe uses; its twice-wide head goes through save, load, predict, serve
+    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full", tag_read="span")
 
 
 def test_tagger_learns_held_out_sentences_and_predict_and_eval_task_agree(tmp_path, tagger, ner_dir, capsys):
@@ -207,3 +226,19 @@ def test_predict_answers_as_the_model_generates_greedily(tiny_pretrained, capsys
         [prompt], SamplingConfig(max_new_tokens=8, temperature=0, stop=list(loaded.prompt_style.stop), logprobs=0))[0]
     assert row["output"] == expected.text and row["logprob"] == pytest.approx(sum(expected.logprobs), abs=1e-4)
     assert row["logprob"] < 0
+
+
+def test_lexicon_baseline_tags_each_word_as_training_tagged_it_most(tmp_path, capsys):
+    rows = [(["Berg", "in", "Paris"], ["B-PER", "O", "B-LOC"]), (["Anna", "Berg"], ["B-PER", "I-PER"]),
+            (["Anna", "Berg"], ["B-PER", "I-PER"]), (["Paris", "Hilton"], ["B-PER", "I-PER"])]
+    def write(name, items):
+        (tmp_path / name).write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in items))
+
+    write("train.jsonl", rows)
+    # Berg: I-PER twice, B-PER once -> I-PER, which starts an entity here (B-PER); Paris: a tie kept in
+    # first-seen order (B-LOC); Zed unseen -> O, so the reference's ORG is missed
+    write("test.jsonl", [(["Berg", "left", "Paris", "Zed"], ["B-PER", "O", "B-LOC", "B-ORG"])])
+    cli.main(["eval-task", "--baseline", "lexicon", "--data", str(tmp_path / "test.jsonl")])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["precision"] == 1.0 and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["per_type"]["ORG"]["recall"] == 0.0

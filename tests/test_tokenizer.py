@@ -85,3 +85,20 @@ def test_bad_tokenizer_sources():
         tok.load("/no/such/dir")
     with pytest.raises(tok.TokenizerError, match="at least"):
         tok.train(["abc"], 100)
+
+
+def test_han_chars_bpe_makes_each_chinese_character_one_token_and_gpt2_pretokenisation_reproduces_it(trained):
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    chinese = MIXED[1]
+    han = tok.train([t * 20 for t in MIXED[:-1]], 600, show_progress=False, han_chars=True)
+    # the plain BPE joins characters of the repeated sentence into longer tokens; han_chars keeps them apart
+    assert max(len(trained.decode([i])) for i in trained.encode(chinese)) > 1
+    assert [han.decode([i]) for i in han.encode(chinese)] == list(chinese)
+    # encoded with GPT-2's regex, the tokens are the ones the training-time pre-tokenisation gives
+    reference = HFTokenizer(models.BPE(han.vocab, [tuple(m.split(" ")) for m in han.merges]))
+    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Han}"), "isolated"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    for text in MIXED[:-2]:
+        assert han.encode(text) == reference.encode(text).ids, text

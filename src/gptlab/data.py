@@ -154,13 +154,15 @@ def _batched(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
 
 
 def resolve_tokenizer(spec: str, train_texts) -> Tokenizer:
-    """`gpt2`, a tokenizer directory, or `bpe:N` (train an N-token BPE on the training texts)."""
-    if spec.startswith("bpe:"):
+    """`gpt2`, a tokenizer directory, `bpe:N` (train an N-token BPE on the training texts) or `bpe-han:N`
+    (the same with each Chinese character one token: no token joins two characters)."""
+    kind, _, size = spec.partition(":")
+    if kind in ("bpe", "bpe-han"):
         try:
-            vocab_size = int(spec[4:])
+            vocab_size = int(size)
         except ValueError:
-            raise DataError(f"bad tokenizer spec {spec!r}: expected bpe:VOCAB_SIZE") from None
-        return tok.train(train_texts(), vocab_size)
+            raise DataError(f"bad tokenizer spec {spec!r}: expected {kind}:VOCAB_SIZE") from None
+        return tok.train(train_texts(), vocab_size, han_chars=kind == "bpe-han")
     return tok.load(spec)
 
 

@@ -149,19 +149,27 @@ def load(spec: str | Path) -> Tokenizer:
     return Tokenizer.from_directory(path)
 
 
-def train(texts: Iterable[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 pre-tokenisation) with `tokenizers`' fast Rust trainer."""
+def train(texts: Iterable[str], vocab_size: int, show_progress: bool = True, han_chars: bool = False) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 pre-tokenisation) with `tokenizers`' fast Rust trainer.
+
+    han_chars: every Chinese (Han) character is a word of its own while training, so merges build characters
+    but never join two of them: each common character is one token and no token spans a word boundary
+    (GPT-2's regex reads a run of Chinese as one word). Encoding needs no special rule: every merge stays
+    inside one character, so the usual GPT-2 pre-tokenisation reproduces the same tokens."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
         raise TokenizerError(f"vocab size must be at least 258 (256 bytes + {EOT} + one merge), got {vocab_size}")
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if han_chars:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Han}"), "isolated"),
+                                                    hf.pre_tokenizer])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer=trainer)
     state = json.loads(hf.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
-    return Tokenizer(state["vocab"], merges, name=f"bpe-{vocab_size}")
+    return Tokenizer(state["vocab"], merges, name=f"bpe-{'han-' if han_chars else ''}{vocab_size}")

@@ -133,7 +133,7 @@ def cmd_eval_task(args: argparse.Namespace) -> None:
     from gptlab.finetune.tasks import baseline_scores, eval_task
 
     if (args.ckpt is None) == (args.baseline is None):
-        fail("give either --ckpt CKPT or --baseline lead|name")
+        fail("give either --ckpt CKPT or --baseline lead|name|lexicon")
     if args.baseline:
         print(json.dumps(baseline_scores(args.data, args.baseline, args.max_items)))
         return
@@ -190,7 +190,8 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     p.add_argument("--corpus", choices=["python"],
                    help="python: this interpreter's standard library, de-duplicated (PSF licence)")
     p.add_argument(
-        "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus)"
+        "--tokenizer", help="gpt2 | DIR | bpe:VOCAB_SIZE (default: bpe:4096 trained on the corpus) | "
+        "bpe-han:VOCAB_SIZE (each Chinese character one token)"
     )
     p.add_argument("--out", help="output directory (default: data/shakespeare; data/custom with --input, data/python "
                                  "with --corpus python)")
@@ -250,9 +251,10 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
 
     p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")
     add_model_flags(p, quantize=False, required=False)
-    p.add_argument("--baseline", choices=["lead", "name"],
+    p.add_argument("--baseline", choices=["lead", "name", "lexicon"],
                    help="instead of a model: the first line of each input (lead), or the words of the name it "
-                        "defines (name), scored as the answer")
+                        "defines (name), scored as the answer; for tag records, each word's most frequent tag "
+                        "in the train.jsonl beside --data (lexicon)")
     p.add_argument("--data", required=True, help="JSONL file ({text,label} or instruction/chat records)")
     p.add_argument("--max-items", type=int, help="score only the first N items")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer (SFT data)")

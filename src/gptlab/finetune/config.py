@@ -38,6 +38,10 @@ class FinetuneConfig:
     # tag: what each word's tag is read from. left: the word's first token (a causal model sees only the words
     # before it); echo: the first token of the word in a second copy of the sentence, which sees it all
     tag_context: Literal["left", "echo"] = "echo"
+    # tag: first: the head reads the hidden state at the word's first token; span: at its first and last tokens
+    # side by side, so it knows where the word ends (a causal model's first token cannot: for one token per
+    # Chinese character, 中 of 中国 and of 中国共产党 look alike there) and has seen all of it at the last
+    tag_read: Literal["first", "span"] = "first"
 
     vision_encoder: str = "cnn"  # vqa: the image encoder trained with the model (gptlab.vision.encoder)
     vision_width: int = 64  # vqa: the encoder's feature width
@@ -48,6 +52,8 @@ class FinetuneConfig:
             raise ConfigError(f"task must be sft, classify, tag or vqa, got {self.task!r}")
         if self.tag_context not in ("left", "echo"):
             raise ConfigError(f"tag_context must be left or echo, got {self.tag_context!r}")
+        if self.tag_read not in ("first", "span"):
+            raise ConfigError(f"tag_read must be first or span, got {self.tag_read!r}")
         if self.method not in ("full", "lora", "freeze"):
             raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
         for name in ("train_layers", "eval_items"):

@@ -142,7 +142,8 @@ class ClassifyExample:
 @dataclass
 class TagExample:
     ids: list[int]  # the words' tokens (twice, around <|endoftext|>, with the echo context)
-    positions: list[int]  # per word that fits the context: the position its tag is read from
+    positions: list[int]  # per word that fits the context: the position of its first token (where its tag is read)
+    ends: list[int]  # per word that fits: the position of its last token (read too with tag_read "span")
     labels: list[int]  # per word that fits: its tag's index (IGNORE_INDEX when unlabelled)
     words: list[str]  # every word; those past the context get "O"
     reference: list[str] | None  # every word's tag, when the record has them
@@ -171,8 +172,9 @@ def encode_tagged(words: list[str], tags: list[str] | None, index: dict[str, int
     if context == "echo":
         first = [length + 1 + position for position in first]
         ids = ids + [tokenizer.eot_id] + ids
+    last = [position + len(piece) - 1 for position, piece in zip(first, pieces[:fit], strict=True)]
     labels = [index[t] for t in tags[:fit]] if tags is not None else [IGNORE_INDEX] * fit
-    return TagExample(ids, first, labels, words, tags), fit < len(words)
+    return TagExample(ids, first, last, labels, words, tags), fit < len(words)
 
 
 def load_tag(path: str | Path, tokenizer: Tokenizer, block_size: int, context: str, labels: list[str] | None = None,
@@ -318,14 +320,15 @@ def classify_batch(examples: list[ClassifyExample], pad_id: int) -> tuple[torch.
 
 
 def tag_batch(examples: list[TagExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, positions the tags are read from, tag ids); padded positions point at 0 with IGNORE_INDEX."""
+    """(inputs, positions (B, words, 2) of each word's first and last tokens, tag ids); padded words point at 0
+    with IGNORE_INDEX."""
     width, words = max(len(e.ids) for e in examples), max(len(e.positions) for e in examples)
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(examples), words), dtype=torch.long)
+    positions = torch.zeros((len(examples), words, 2), dtype=torch.long)
     labels = torch.full((len(examples), words), IGNORE_INDEX, dtype=torch.long)
     for row, example in enumerate(examples):
         x[row, : len(example.ids)] = torch.tensor(example.ids)
-        positions[row, : len(example.positions)] = torch.tensor(example.positions, dtype=torch.long)
+        positions[row, : len(example.positions)] = torch.tensor([example.positions, example.ends]).T
         labels[row, : len(example.labels)] = torch.tensor(example.labels, dtype=torch.long)
     return x, positions, labels
 

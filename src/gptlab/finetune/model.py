@@ -22,13 +22,14 @@ class FinetuneModel(nn.Module):
     """
 
     def __init__(self, gpt: GPT, num_labels: int = 0, partial_state: bool = False,
-                 vision: VisionConfig | None = None) -> None:
+                 vision: VisionConfig | None = None, tag_reads: int = 1) -> None:
         super().__init__()
         self.gpt = gpt
         self.vision = VisionTower(vision, gpt.config.n_embd) if vision is not None else None
         self.config = gpt.config
         self.partial_state = partial_state
-        self.head = nn.Linear(gpt.config.n_embd, num_labels) if num_labels else None
+        self.tag_reads = tag_reads  # tagging: hidden states per word side by side (1: first token, 2: first and last)
+        self.head = nn.Linear(tag_reads * gpt.config.n_embd, num_labels) if num_labels else None
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=0.02)  # GPT's initialisation: small logits at the start
             nn.init.zeros_(self.head.bias)
@@ -49,9 +50,12 @@ class FinetuneModel(nn.Module):
         return self.classify_and_lm_loss(idx, last, with_lm_loss=False)[0]
 
     def tag(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Tag logits (B, words, labels) from the hidden states at each word's reading position."""
+        """Tag logits (B, words, labels) from the hidden states at each word's first token, and its last too
+        when the head reads two (positions: (B, words, 2) of each word's first and last tokens)."""
         hidden = self.gpt.hidden_states(idx)
-        return self.head(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1))))
+        read = positions[..., : self.tag_reads].flatten(1)  # (B, words * reads)
+        states = hidden.gather(1, read[..., None].expand(-1, -1, hidden.size(-1)))
+        return self.head(states.view(*positions.shape[:2], -1))
 
     def classify_and_lm_loss(self, idx: torch.Tensor, last: torch.Tensor, with_lm_loss: bool = True,
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,7 +98,8 @@ def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, parti
     """Wrap `gpt` for the task and set what trains according to the method (a vision tower always trains:
     `--method freeze --train-layers 0` is the frozen-LM recipe, LLaVA's first stage)."""
     model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state,
-                          cfg.vision_config() if cfg.task == "vqa" else None)
+                          cfg.vision_config() if cfg.task == "vqa" else None,
+                          tag_reads=2 if cfg.task == "tag" and cfg.tag_read == "span" else 1)
     if cfg.method == "lora":
         lora.apply_lora(gpt, cfg.lora_config())
     elif cfg.method == "freeze":

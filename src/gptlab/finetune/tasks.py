@@ -4,6 +4,7 @@ metrics logged at every evaluation and `gptlab eval-task`."""
 from __future__ import annotations
 
 import re
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from gptlab import evaluate, loading
 from gptlab.config import TrainConfig
+from gptlab.data import DataError
 from gptlab.device import autocast, resolve_precision, select_device
 from gptlab.finetune.data import (
     ClassifyExample,
@@ -31,6 +33,7 @@ from gptlab.finetune.data import (
     sft_batch,
     sft_messages,
     tag_batch,
+    tag_record,
     vqa_batch,
 )
 from gptlab.finetune.model import FinetuneModel
@@ -259,12 +262,42 @@ def tagging_scores(model: FinetuneModel, examples: list[TagExample], labels: lis
     return {"loss": nats / max(1, words), **evaluate.entity_scores(predictions, references)}
 
 
-BASELINES = ("lead", "name")
+BASELINES = ("lead", "name", "lexicon")
+
+
+def lexicon_scores(data: str | Path, max_items: int | None = None) -> dict[str, Any]:
+    """Entity scores of a model-free tagger: each word gets the tag it carries most often in the train.jsonl
+    beside `data` (O when unseen), an I- tag that continues no entity of its type becoming B-. What a tagger
+    must beat to have learnt more than a word list."""
+    evaluate.require_seqeval()
+    train = Path(data).parent / "train.jsonl"
+    if not train.is_file():
+        raise DataError(f"the lexicon baseline counts tags in {train}, which does not exist")
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for where, record in read_jsonl(train):
+        words, tags = tag_record(record, where)
+        for word, tag in zip(words, tags, strict=True):
+            counts[word][tag] += 1
+    rows = [tag_record(record, where) for where, record in read_jsonl(data)]
+    rows = rows[:max_items] if max_items else rows
+    predictions = []
+    for words, _ in rows:
+        tags = []
+        for word in words:
+            tag = counts[word].most_common(1)[0][0] if word in counts else "O"
+            previous = tags[-1] if tags else "O"
+            tags.append("B-" + tag[2:] if tag.startswith("I-") and previous[2:] != tag[2:] else tag)
+        predictions.append(tags)
+    return {"items": len(rows), "baseline": "lexicon",
+            **evaluate.entity_scores(predictions, [tags for _, tags in rows])}
 
 
 def baseline_scores(data: str | Path, kind: str, max_items: int | None = None) -> dict[str, Any]:
     """Generation metrics of a model-free answer to each instruction record: `lead` the first line of its
-    input (summarization's lead baseline), `name` the words of the identifier that line defines (code)."""
+    input (summarization's lead baseline), `name` the words of the identifier that line defines (code);
+    `lexicon` scores tag records instead (lexicon_scores)."""
+    if kind == "lexicon":
+        return lexicon_scores(data, max_items)
     evaluate.require_metric_packages()
     records = [sft_messages(record, where) for where, record in read_jsonl(data)]
     records = records[:max_items] if max_items else records
