@@ -37,6 +37,8 @@ def test_yaml_then_flags(tmp_path):
     path.write_text("preset: tiny\nmax_steps: 7\nlr: 0.01\nmodel:\n  n_layer: 2\n")
     cfg = TrainConfig.from_sources(str(path), lr=0.02, batch_size=None)
     assert (cfg.max_steps, cfg.lr, cfg.model_config().n_layer) == (7, 0.02, 2)
+    cfg = TrainConfig.from_sources(str(path), model={"n_head": 4})  # e.g. --n-head 4: merged into the file's model
+    assert (cfg.model_config().n_layer, cfg.model_config().n_head) == (2, 4)
     path.write_text("max_stepz: 3\n")
     with pytest.raises(ConfigError, match="max_stepz"):
         TrainConfig.from_sources(str(path))

@@ -231,9 +231,13 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **flags: Any) -> TrainConfig:
-        """Build from an optional YAML file, then flags (flags win; None means 'not given')."""
+        """Build from an optional YAML file, then flags (flags win; None means 'not given'). Model overrides
+        merge key by key: `--n-layer 2` changes the file's `model.n_layer` and keeps its other model keys."""
         values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-        values.update({k: v for k, v in flags.items() if v is not None})
+        given = {k: v for k, v in flags.items() if v is not None}
+        if isinstance(values.get("model"), dict) and isinstance(given.get("model"), dict):
+            given["model"] = {**values["model"], **given["model"]}
+        values.update(given)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         _check(not unknown, f"unknown training config keys: {', '.join(sorted(unknown))}")
