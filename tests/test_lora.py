@@ -68,6 +68,34 @@ def test_merged_and_unmerged_logits_agree():
     assert set(merged_model.state_dict()) == set(GPT(tiny_model_config()).state_dict())
 
 
+def test_token_rows_train_in_the_embedding_and_the_tied_head_and_merge_exactly():
+    torch.manual_seed(0)
+    base = GPT(tiny_model_config()).eval()
+    assert base.lm_head.weight is base.transformer.wte.weight  # the tiny model ties them, like GPT-2
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = base(tokens)[0]
+    rows = (3, 5, int(tokens[0, 0]))
+    model = lora.apply_lora(base, lora.LoRAConfig(rank=4, token_ids=rows))
+    assert torch.equal(model(tokens)[0], before)  # the rows start as the base's
+    model(tokens, tokens)[1].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B", "tokens_delta"))}
+    delta = lora.token_rows(model).trainable_tokens_delta
+    assert delta.grad.abs().sum(1).gt(0).all()  # each row learns: as an input (row 0) or as an output
+    with torch.no_grad():
+        torch.nn.init.normal_(delta, std=0.5)
+        unmerged = model(tokens)[0]
+        # the output layer scores the new rows: logits of the other tokens move only through the inputs
+        assert (unmerged - before)[..., list(rows)].abs().max() > 1e-2
+        merged_model = lora.merge_lora(model)
+        merged = merged_model(tokens)[0]
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert merged_model.lm_head.weight is merged_model.transformer.wte.weight  # still one matrix
+    assert torch.equal(merged_model.transformer.wte.weight[list(rows)], delta.detach())
+    assert set(merged_model.state_dict()) == set(GPT(tiny_model_config()).state_dict())
+
+
 def test_bad_settings_are_clear_errors():
     with pytest.raises(lora.LoRAError, match="rank"):
         lora.LoRAConfig(rank=0)
@@ -75,6 +103,8 @@ def test_bad_settings_are_clear_errors():
         lora.LoRAConfig(targets=("attn.q_proj",))
     with pytest.raises(lora.LoRAError, match="no LoRA layers"):
         lora.merge_lora(GPT(tiny_model_config()))
+    with pytest.raises(lora.LoRAError, match="outside the vocabulary of 512"):
+        lora.apply_lora(GPT(tiny_model_config()), lora.LoRAConfig(token_ids=(512,)))
 
 
 def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pretrained, capsys):
@@ -89,7 +119,8 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     cfg, ft = configs_from_sources(
         None, dict(init=str(tiny_pretrained), data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=6,
                    batch_size=8, warmup_steps=1, lr=2e-2, precision="fp32"),
-        dict(method="lora", lora_rank=4, lora_alpha=8, lora_targets=",".join(ALL), eval_items=2, max_new_tokens=2))
+        dict(method="lora", lora_rank=4, lora_alpha=8, lora_targets=",".join(ALL), lora_tokens="0123456789",
+             eval_items=2, max_new_tokens=2))
     finetune(cfg, ft, log=lambda _: None)
     capsys.readouterr()
     cli.main(["export-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
@@ -103,8 +134,10 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
     adapter_config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == sorted(ALL)
     assert adapter_config["base_model_name_or_path"] == "../base"  # portable: relative to the adapter directory
-    # blocks * rank * (in + out) of each adapted matrix, 64 wide
-    assert exported["adapter_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    digits = sorted(set(loading.load(tiny_pretrained).tokenizer.encode("0123456789")))
+    assert adapter_config["trainable_token_indices"] == digits
+    # blocks * rank * (in + out) of each adapted matrix, 64 wide, and a 64-wide row per digit token
+    assert exported["adapter_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)) + 64 * len(digits)
 
     ours = loading.load(tmp_path / "run").model
     tokens = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -114,4 +147,6 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(tmp_path, tiny_pre
         peft_logits = PeftModel.from_pretrained(base_hf, tmp_path / "export" / "adapter").eval()(tokens).logits
         our_logits = ours(tokens)[0]
     assert (peft_logits - base_logits).abs().max() > 1e-3  # the trained adapter matters
+    # the digit rows trained, and PEFT reads them (as inputs and, tied, as outputs) like we do
+    assert (peft_logits - base_logits)[..., digits].abs().max() > 1e-3
     assert (peft_logits - our_logits).abs().max().item() <= 1e-4

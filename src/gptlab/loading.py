@@ -90,6 +90,7 @@ def from_payload(payload: dict[str, Any]) -> Loaded:
         gpt = load(base["path"]).gpt()
         if gpt.config != config or not math.isclose(fingerprint(gpt), base["fingerprint"], rel_tol=1e-9):
             raise CheckpointError(f"the base model {base['path']} changed since this adapter was trained on it")
-    model = prepare_model(gpt, FinetuneConfig(**info["config"]), info["labels"], partial_state=base is not None)
+    model = prepare_model(gpt, FinetuneConfig(**info["config"]), info["labels"], partial_state=base is not None,
+                          tokenizer=tokenizer)
     checkpoint.load_weights(model, payload["model"])
     return Loaded(model, tokenizer, style, info)

@@ -4,6 +4,9 @@
 
 so the adapted model starts out identical to the base model. The update is applied as two thin matmuls
 (never materialising B·A during training), and `merge` folds it into W for inference at no extra cost.
+Optionally some rows of the token embedding train as whole vectors (`token_ids`, PEFT's
+`trainable_token_indices`): a base that has hardly seen a token (digits, for a model of Shakespeare) gives it
+an embedding that low-rank updates of the blocks cannot tell apart from its neighbours'.
 Parameter names and initialisation follow PEFT, so adapters export to PEFT's format unchanged
 (`save_peft_adapter`) and load with `peft.PeftModel.from_pretrained` on the HF GPT-2 export of the base model.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from torch.nn.utils import parametrize
 
 from gptlab.errors import GptlabError
 from gptlab.outputs import atomic_directory
@@ -36,9 +40,13 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj")
+    token_ids: tuple[int, ...] = ()  # token embedding rows that train whole (and the tied output rows with them)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        self.token_ids = tuple(sorted(set(self.token_ids)))
+        if any(not isinstance(i, int) or i < 0 for i in self.token_ids):
+            raise LoRAError(f"lora token ids must be non-negative integers, got {list(self.token_ids)}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise LoRAError(f"lora rank must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:
@@ -54,7 +62,7 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets)}
+        return {**asdict(self), "targets": list(self.targets), "token_ids": list(self.token_ids)}
 
 
 class LoRALinear(nn.Module):
@@ -89,6 +97,61 @@ class LoRALinear(nn.Module):
             self.merged = True
 
 
+class TrainableTokens(nn.Module):
+    """A parametrization of an embedding matrix: the rows `token_ids` are trainable vectors, every other row is
+    the frozen base weight. Stored as PEFT stores it (`trainable_tokens_delta` holds the rows' values, not a
+    difference), so merging is one index_copy."""
+
+    def __init__(self, weight: torch.Tensor, token_ids: tuple[int, ...]) -> None:
+        super().__init__()
+        if token_ids and max(token_ids) >= weight.size(0):
+            raise LoRAError(f"lora token id {max(token_ids)} is outside the vocabulary of {weight.size(0)} tokens")
+        self.register_buffer("token_indices", torch.tensor(token_ids, dtype=torch.long, device=weight.device),
+                             persistent=False)
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[self.token_indices].clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_copy(0, self.token_indices, self.trainable_tokens_delta.to(weight.dtype))
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """The token embedding, and the LM head when it shares the embedding's matrix (GPT-2's weight tying)."""
+    wte, head = model.transformer.wte, model.lm_head
+    tied = parametrize.is_parametrized(wte) and parametrize.is_parametrized(head) \
+        and wte.parametrizations.weight.original is head.parametrizations.weight.original
+    return [wte, head] if tied or head.weight is wte.weight else [wte]
+
+
+def train_token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> TrainableTokens:
+    """Make the embedding rows `token_ids` trainable (in place). One TrainableTokens serves the embedding and a
+    tied LM head alike, so the two roles keep one matrix and a token's new row changes both."""
+    modules = embedding_modules(model)
+    rows = TrainableTokens(modules[0].weight, token_ids)
+    for module in modules:
+        parametrize.register_parametrization(module, "weight", rows)
+    return rows
+
+
+def token_rows(model: nn.Module) -> TrainableTokens | None:
+    """The model's trainable embedding rows, if `train_token_rows` gave it some."""
+    wte = model.transformer.wte if hasattr(model, "transformer") else None
+    return wte.parametrizations.weight[0] if wte is not None and parametrize.is_parametrized(wte) else None
+
+
+def remove_token_rows(model: nn.Module, merge: bool) -> None:
+    """Put the plain embedding matrix back, with the trained rows written into it (merge) or not (the base)."""
+    rows = token_rows(model)
+    if rows is None:
+        return
+    modules = embedding_modules(model)
+    with torch.no_grad():
+        if merge:  # in the shared matrix itself, so a tied LM head gets the rows too and stays tied
+            original = modules[0].parametrizations.weight.original
+            original.index_copy_(0, rows.token_indices, rows.trainable_tokens_delta.to(original.dtype))
+    for module in modules:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
@@ -103,6 +166,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(linear, config))
+    if config.token_ids:
+        train_token_rows(model, config.token_ids)
     return model
 
 
@@ -121,13 +186,18 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
             layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base)
+    remove_token_rows(model, merge)
     return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA matrices only, keyed by the wrapped layer's name: `<layer>.lora_A`, `<layer>.lora_B`."""
-    return {f"{name}.{part}": getattr(layer, part).detach()
-            for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    """What trains besides the base, keyed as in PEFT less its `base_model.model.` prefix and `.weight` suffix:
+    `<layer>.lora_A`, `<layer>.lora_B`, and `transformer.wte.token_adapter.trainable_tokens_delta`."""
+    state = {f"{name}.{part}": getattr(layer, part).detach()
+             for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    if (rows := token_rows(model)) is not None:
+        state["transformer.wte.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.detach()
+    return state
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -143,15 +213,16 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, out: str | Path, bas
     and PEFT's LoRA on GPT-2's Conv1D keeps A as (rank, in) and B as (out, rank) just like ours, with
     `fan_in_fan_out` telling PEFT about Conv1D's transposed base weight.
     """
-    tensors = {f"base_model.model.{key}.weight": value.float().contiguous().clone()
+    tensors = {f"base_model.model.{key}" + ("" if key.endswith("delta") else ".weight"): value.float().contiguous().clone()
                for key, value in adapter_state(model).items()}
-    if not tensors:
+    if not lora_layers(model):
         raise LoRAError("the model has no LoRA layers to export")
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model_path),
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": list(config.targets), "fan_in_fan_out": True, "bias": "none",
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "trainable_token_indices": list(config.token_ids) or None,
     }
     with atomic_directory(out) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

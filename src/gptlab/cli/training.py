@@ -246,7 +246,10 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
             "init": "required: the pretrained run, checkpoint or HF GPT-2 directory to adapt",
         },
     )
-    add_config_flags(p, FinetuneConfig)
+    add_config_flags(p, FinetuneConfig, helps={
+        "lora_tokens": "lora: the tokens of this text train as whole embedding rows (PEFT's trainable_token_indices), "
+                       "e.g. 0123456789 for a base that has hardly read digits",
+    })
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval-task", help="task metrics of a checkpoint on a JSONL file")

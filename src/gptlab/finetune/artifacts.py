@@ -60,7 +60,7 @@ def export_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     loaded = loading.from_payload(payload)
     base = copy.deepcopy(loaded.model.gpt)
     lora.remove_lora(base, merge=False)
-    lora_config = FinetuneConfig(**info["config"]).lora_config()
+    lora_config = FinetuneConfig(**info["config"]).lora_config(loaded.tokenizer)
     tmp = None
     try:  # both parts appear together or not at all: a full disk leaves nothing behind
         with atomic_directory(out) as tmp:

@@ -12,6 +12,7 @@ from gptlab.config import ConfigError, TrainConfig, load_yaml
 # imported where used: lora and vision load torch, prompts numpy, none of which `gptlab finetune --help` needs
 if TYPE_CHECKING:
     from gptlab.lora import LoRAConfig
+    from gptlab.tokenizer import Tokenizer
     from gptlab.vision import VisionConfig
 
 # `gptlab finetune` defaults where they differ from pretraining's (a YAML file or flags override them)
@@ -30,6 +31,9 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "attn.c_attn,attn.c_proj"  # comma-separated: attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj
+    # lora: the distinct tokens of this text train as whole embedding rows (PEFT's trainable_token_indices), e.g.
+    # "0123456789" for a base that has hardly read digits; a tied LM head gets the same rows
+    lora_tokens: str = ""
     from_scratch: bool = False  # --init's architecture and tokenizer, freshly initialised weights (a baseline)
     lm_weight: float = 0.0  # classify: weight of the auxiliary next-token loss on the texts (GPT-1 uses 0.5)
     eval_items: int = 500  # validation items scored at each evaluation (0: all)
@@ -56,6 +60,9 @@ class FinetuneConfig:
             raise ConfigError(f"tag_read must be first or span, got {self.tag_read!r}")
         if self.method not in ("full", "lora", "freeze"):
             raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
+        if self.lora_tokens and self.method != "lora":
+            raise ConfigError(f"lora_tokens applies to method lora only (method {self.method} trains "
+                              f"{'every' if self.method == 'full' else 'no'} embedding row)")
         for name in ("train_layers", "eval_items"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
@@ -75,11 +82,14 @@ class FinetuneConfig:
 
         return VisionConfig(encoder=self.vision_encoder, width=self.vision_width, image_tokens=self.image_tokens)
 
-    def lora_config(self) -> LoRAConfig:
+    def lora_config(self, tokenizer: Tokenizer | None = None) -> LoRAConfig:
+        """The LoRA settings; the embedding rows of `lora_tokens` need the model's tokenizer to be known."""
         from gptlab.lora import LoRAConfig
 
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+        token_ids = tuple(tokenizer.encode(self.lora_tokens)) if tokenizer is not None else ()
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets,
+                          token_ids=token_ids)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

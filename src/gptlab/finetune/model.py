@@ -11,6 +11,7 @@ from gptlab import lora
 from gptlab.config import ConfigError
 from gptlab.finetune.config import FinetuneConfig
 from gptlab.model import GPT, IGNORE_INDEX, linear_cross_entropy
+from gptlab.tokenizer import Tokenizer
 from gptlab.vision import VisionConfig, VisionTower, splice
 
 
@@ -94,14 +95,15 @@ class FinetuneModel(nn.Module):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
-def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool) -> FinetuneModel:
+def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool,
+                  tokenizer: Tokenizer) -> FinetuneModel:
     """Wrap `gpt` for the task and set what trains according to the method (a vision tower always trains:
     `--method freeze --train-layers 0` is the frozen-LM recipe, LLaVA's first stage)."""
     model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state,
                           cfg.vision_config() if cfg.task == "vqa" else None,
                           tag_reads=2 if cfg.task == "tag" and cfg.tag_read == "span" else 1)
     if cfg.method == "lora":
-        lora.apply_lora(gpt, cfg.lora_config())
+        lora.apply_lora(gpt, cfg.lora_config(tokenizer))
     elif cfg.method == "freeze":
         blocks = gpt.transformer.h
         if cfg.train_layers > len(blocks):

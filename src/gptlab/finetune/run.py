@@ -60,7 +60,7 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     else:
         train, labels = load_classify(train_path, tokenizer, block, log=log)
         val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
-    model = prepare_model(gpt, ft, labels, partial_state=base is not None)
+    model = prepare_model(gpt, ft, labels, partial_state=base is not None, tokenizer=tokenizer)
     trainable, total = lora.count_parameters(model)
     log(f"{ft.task} / {ft.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%); "
         f"device {device}, {cfg.precision}")
