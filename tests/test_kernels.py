@@ -119,7 +119,7 @@ def test_block_layout_names_every_tensor_once(ops):
 def test_first_use_builds_once_and_says_so(ops, tmp_path):
     """On a fresh machine a variant builds, with one line on stderr, even past the lock file that a killed
     build leaves behind (which made every later process wait forever); the next process loads the cached
-    library silently."""
+    library silently, whichever ninja comes first on its PATH."""
     variant = ops.name.removeprefix("gptlab_cpu_")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     source_hash = hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest()[:12]
@@ -132,8 +132,16 @@ def test_first_use_builds_once_and_says_so(ops, tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stderr.count(f"building the {variant} decoding kernels") == 1
     assert [p.name for p in tmp_path.iterdir()] == [build_dir.name]
+    # another ninja first on PATH (a system one of another version hashes commands differently and took the
+    # build for stale): the kernels build and load with the ninja of gptlab's environment, never that one
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\ntouch {other / 'ran'}\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    env["PATH"] = f"{other}{os.pathsep}{env.get('PATH', '')}"
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "building" not in second.stderr, second.stderr
+    assert not (other / "ran").exists()
 
 
 # --- which variant runs ------------------------------------------------------------------------------
