@@ -24,6 +24,7 @@ own kernels: same results, less speed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -83,6 +84,25 @@ def selected_variant() -> str | None:
     return _capability_variant()
 
 
+@contextlib.contextmanager
+def _this_environments_ninja():
+    """cpp_extension runs the first `ninja` on PATH. ninja 1.13 hashes build commands differently from 1.11, so a
+    process that finds the system's ninja and one that finds this environment's took each other's build for
+    stale and recompiled it (45-100 s, every time they alternated). The ninja that ships with gptlab's
+    environment (a dependency) comes first while the kernels build or load."""
+    import ninja
+
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
+    try:
+        yield
+    finally:
+        if path is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = path
+
+
 @functools.cache
 def load(variant: str):
     """`torch.ops.gptlab_cpu_<variant>` (the ops listed above), built on first use; None if it cannot
@@ -112,9 +132,10 @@ def load(variant: str):
             copy = build_dir / SOURCE.name
             if not copy.exists() or copy.read_bytes() != source:
                 copy.write_bytes(source)
-            cpp_extension.load(name=name, sources=[str(copy)], build_directory=str(build_dir),
-                               extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
-                               is_python_module=False)
+            with _this_environments_ninja():
+                cpp_extension.load(name=name, sources=[str(copy)], build_directory=str(build_dir),
+                                   extra_cflags=["-O3", "-fopenmp", f"-DGPTLAB_NS={name}", *VARIANTS[variant][1]],
+                                   is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
         warnings.warn(f"gptlab: the {variant} decoding kernels could not be built, using PyTorch's ({exc})",
                       stacklevel=2)
