@@ -130,12 +130,21 @@ def server(chat_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory, data_dir) -> Path:
-    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune."""
+    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune. Trained
+    on one torch thread: a session fixture is set up before any module's one_torch_thread, and on a busy 2-core
+    machine the second thread only spins."""
+    import torch
+
     from gptlab.train import pretrain
 
     out = tmp_path_factory.mktemp("pretrained")
     layout = dict(block_size=96, n_layer=2, n_head=4, n_embd=64)  # 64 wide: learns the small tasks reliably
-    pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
