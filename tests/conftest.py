@@ -75,6 +75,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, max_file_by
                           timeout=timeout, preexec_fn=None if max_file_bytes is None else _limit_file_size(max_file_bytes))
 
 
+def run_clis(*commands: tuple[str, ...] | list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`run_cli` of independent commands at once, in that order: each fresh process spends seconds importing
+    torch on one core, so two of them use a 2-core machine's second core."""
+    procs = [subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the signal would kill the process instead
