@@ -28,10 +28,8 @@ def canary_run(tmp_path_factory, corpus_dir, one_torch_thread):
                      "--canaries", "2", "--canary-repeats", "1,4,16,64")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["canaries"] == 8
-    # 500 steps: mean log-perplexities 21-26 / 13-16 / 2.1-3.1 / 0.7-0.9 for 1x / 4x / 16x / 64x, exposures
-    # 2.9-3.7 / 6.4-8.7 / 14-15 / 17 bits and both 64x canaries extracted, over seeds 1337, 1 and 2
-    cfg = tiny_train_config(root / "data", root / "run", model=CANARY_MODEL, max_steps=500, batch_size=16,
-                            warmup_steps=20, eval_interval=500, ckpt_interval=500)
+    cfg = tiny_train_config(root / "data", root / "run", model=CANARY_MODEL, max_steps=800, batch_size=16,
+                            warmup_steps=20, eval_interval=800, ckpt_interval=800)
     pretrain(cfg, log=lambda _: None)
     return root
 
