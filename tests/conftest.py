@@ -75,6 +75,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, max_file_by
                           timeout=timeout, preexec_fn=None if max_file_bytes is None else _limit_file_size(max_file_bytes))
 
 
+def run_clis(*commands: tuple[str, ...] | list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`run_cli` of independent commands at once, in that order: each fresh process spends seconds importing
+    torch on one core, so two of them use a 2-core machine's second core."""
+    procs = [subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the signal would kill the process instead
@@ -130,12 +148,21 @@ def server(chat_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory, data_dir) -> Path:
-    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune."""
+    """A briefly pretrained tiny model with room for short instruction examples: the base to fine-tune. Trained
+    on one torch thread: a session fixture is set up before any module's one_torch_thread, and on a busy 2-core
+    machine the second thread only spins."""
+    import torch
+
     from gptlab.train import pretrain
 
     out = tmp_path_factory.mktemp("pretrained")
     layout = dict(block_size=96, n_layer=2, n_head=4, n_embd=64)  # 64 wide: learns the small tasks reliably
-    pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(tiny_train_config(data_dir, out, max_steps=20, model=layout), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

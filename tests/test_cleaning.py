@@ -10,7 +10,7 @@ import pytest
 
 from gptlab.cleaning import CleanConfig, Deduplicator, iban_valid, luhn_valid, make_canaries, scrub_pii
 from gptlab.data import TokenData
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_clis
 
 PLANTED_PII = {
     "email": ["jane.doe@example.com", "ops+alerts@mail.example.co.uk"],
@@ -97,14 +97,15 @@ def test_prepare_cleans_planted_items_and_leaves_the_corpus_untouched(corpus_dir
     (planted / "zz-edited-copy.txt").write_text(" ".join(words))
     (planted / "zz-pii.txt").write_text(PII_TEXT)
 
-    def prepare(source, out, *flags):
-        result = run_cli("prepare", "--input", str(source), "--tokenizer", "gpt2", "--out", str(tmp_path / out), *flags)
+    runs = [(corpus_dir, "plain"), (corpus_dir, "clean", "--dedup", "near", "--scrub-pii"),
+            (planted, "planted", "--dedup", "near", "--scrub-pii")]
+    results = run_clis(*[("prepare", "--input", str(source), "--tokenizer", "gpt2", "--out", str(tmp_path / out),
+                          *flags) for source, out, *flags in runs])  # three independent processes at once
+    for result in results:
         assert result.returncode == 0, result.stderr
-        return json.loads((tmp_path / out / "meta.json").read_text()), result.stderr
-
-    plain, _ = prepare(corpus_dir, "plain")
-    cleaned_clean, _ = prepare(corpus_dir, "clean", "--dedup", "near", "--scrub-pii")
-    cleaned, log = prepare(planted, "planted", "--dedup", "near", "--scrub-pii")
+    (plain, _), (cleaned_clean, _), (cleaned, log) = [
+        (json.loads((tmp_path / out / "meta.json").read_text()), result.stderr)
+        for (_, out, *_), result in zip(runs, results, strict=True)]
 
     # clean text untouched: the same documents and token counts with and without cleaning
     assert sorted(_documents(tmp_path / "clean")) == sorted(_documents(tmp_path / "plain"))

@@ -11,7 +11,7 @@ import pytest
 from gptlab import cli, metrics
 from gptlab.cli.common import default_text, has_default
 from gptlab.errors import GptlabError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_clis
 
 
 def _assert_user_error(result, needle):
@@ -33,22 +33,25 @@ def test_train_generate_convert_end_to_end(data_dir, tmp_path):
     assert set(summary) == {"step", "val_loss", "val_bpb", "tokens_per_s", "checkpoint"} and summary["step"] == 6
     assert (run / "metrics.csv").is_file()
 
+    # independent processes run two at a time (each spends seconds importing torch): those that only read the run
+    # first, then those that need the export or write the run
     gen = ["generate", "--ckpt", str(run), "--prompt", "KING:", "--max-new-tokens", "10", "--seed", "1"]
-    first, second = run_cli(*gen), run_cli(*gen)
+    first, second, to_hf, refused = run_clis(gen, gen, ["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")],
+                                             ["train", "--data", str(data_dir), "--out", str(run), *TINY_FLAGS])
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("KING:")
 
-    assert run_cli("convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")).returncode == 0
+    assert to_hf.returncode == 0
     back = run_cli("convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt"))
     assert back.returncode == 0, back.stderr
-    again = run_cli("generate", "--ckpt", str(tmp_path / "back.pt"), "--prompt", "KING:", "--max-new-tokens", "10",
-                    "--seed", "1")
+    again, resumed = run_clis(["generate", "--ckpt", str(tmp_path / "back.pt"), "--prompt", "KING:",
+                               "--max-new-tokens", "10", "--seed", "1"],
+                              ["train", "--data", str(data_dir), "--out", str(run), "--max-steps", "8", "--resume",
+                               *TINY_FLAGS])
     assert again.stdout == first.stdout
 
     # an existing run is never overwritten without --resume
-    _assert_user_error(run_cli("train", "--data", str(data_dir), "--out", str(run), *TINY_FLAGS), "--resume")
-    resumed = run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "8", "--resume",
-                      *TINY_FLAGS)
+    _assert_user_error(refused, "--resume")
     assert resumed.returncode == 0 and json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 8
 
 
@@ -71,10 +74,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
 
 def test_empty_corpus_and_long_prompt(tmp_path, data_dir):
     (tmp_path / "empty.txt").write_text("")
-    _assert_user_error(run_cli("prepare", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d"),
-                               "--tokenizer", "gpt2"), "document")
     run = tmp_path / "run"
-    assert run_cli("train", "--data", str(data_dir), "--out", str(run), "--max-steps", "1", *TINY_FLAGS).returncode == 0
+    empty, trained = run_clis(["prepare", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d"),
+                               "--tokenizer", "gpt2"],
+                              ["train", "--data", str(data_dir), "--out", str(run), "--max-steps", "1", *TINY_FLAGS])
+    _assert_user_error(empty, "document")
+    assert trained.returncode == 0
     _assert_user_error(run_cli("generate", "--ckpt", str(run), "--prompt", "word " * 200), "context")
 
 

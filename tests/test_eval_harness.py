@@ -1,9 +1,6 @@
 """`gptlab eval harness` against lm-evaluation-harness's own `hf` model on the same weights, offline."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -52,19 +49,20 @@ def _per_request(samples: list[dict]) -> dict[tuple[int, int], float]:
     return {(s["doc_id"], j): float(r[0]) for s in samples for j, r in enumerate(s["filtered_resps"])}
 
 
-def test_harness_matches_lm_eval_hf_model(hf_gpt2, local_task, tmp_path):
+def test_harness_matches_lm_eval_hf_model(hf_gpt2, local_task, monkeypatch):
     _, root = hf_gpt2
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    reference = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={root / 'hf'},dtype=float32",
-         "--tasks", TASK, "--include_path", str(local_task), "--device", "cpu", "--batch_size", "4",
-         "--log_samples", "--output_path", str(tmp_path / "hf-out")],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    (samples_file,) = tmp_path.glob(f"hf-out/**/samples_{TASK}_*.jsonl")
-    hf_samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    (results_file,) = tmp_path.glob("hf-out/**/results_*.json")
-    hf_results = json.loads(results_file.read_text())["results"][TASK]
+    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    # the reference: lm-eval's own `hf` model on the transformers weights, through the simple_evaluate its command
+    # line runs (in process, with the command line's defaults, and indexing only the local task: no process start,
+    # no 10-20 s index of lm-eval's own tasks)
+    reference = simple_evaluate(model="hf", model_args=f"pretrained={root / 'hf'},dtype=float32", tasks=[TASK],
+                                device="cpu", batch_size=4, log_samples=True,
+                                task_manager=TaskManager(include_path=str(local_task), include_defaults=False))
+    hf_samples, hf_results = reference["samples"][TASK], reference["results"][TASK]
 
     # ours on the converted checkpoint, from the command line: the table, then lm-eval's results as the last line
     done = run_cli("eval", "harness", "--ckpt", str(root / "converted.pt"), "--tasks", TASK,

@@ -30,7 +30,7 @@ from gptlab.language_model import LanguageModel
 from gptlab.metrics import metric_fields
 from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.prompts import STYLES, Message
-from tests.conftest import load_gpt, run_cli, tiny_model_config
+from tests.conftest import load_gpt, tiny_model_config
 from tests.helpers import ServerProcess
 
 INSTRUCTION = STYLES["instruction"]
@@ -314,20 +314,20 @@ CHAT_REPLIES = {"What is the capital of France?": "Paris.", "Who wrote Hamlet?":
 
 
 @pytest.mark.parametrize("style", ["chat", "instruction"])
-def test_a_fine_tuned_chat_model_gives_its_trained_reply_through_the_api(tmp_path, tiny_pretrained, style):
+def test_a_fine_tuned_chat_model_gives_its_trained_reply_through_the_api(tmp_path, tiny_pretrained, style, capsys):
     """`gptlab finetune` on chat records, then `gptlab serve` on the run: the server renders requests in
-    the style the checkpoint was trained in, and stops where the trained reply ends."""
+    the style the checkpoint was trained in, and stops where the trained reply ends. The fine-tuning runs in
+    process, on the module's one torch thread (a child process took two: 162 s instead of 20 s under load)."""
     records = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
                              {"role": "assistant", "content": a}]} for q, a in CHAT_REPLIES.items()]
     _write_jsonl(tmp_path / "data" / "train.jsonl", records)
     _write_jsonl(tmp_path / "data" / "val.jsonl", records)
     run = tmp_path / "run"
-    result = run_cli("finetune", "--init", str(tiny_pretrained), "--data", str(tmp_path / "data"), "--out", str(run),
-                     "--task", "sft", "--method", "full", "--prompt-style", style, "--max-steps", "150",
-                     "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "5", "--eval-interval", "150",
-                     "--precision", "fp32")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["exact_match"] == 1.0  # memorised
+    cli.main(["finetune", "--init", str(tiny_pretrained), "--data", str(tmp_path / "data"), "--out", str(run),
+              "--task", "sft", "--method", "full", "--prompt-style", style, "--max-steps", "150",
+              "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "5", "--eval-interval", "150",
+              "--precision", "fp32"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exact_match"] == 1.0  # memorised
     assert checkpoint.load(run)["prompt_style"] == style
     with ServerProcess(run, tmp_path / "serve.log", "--threads", "1") as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)

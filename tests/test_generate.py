@@ -22,7 +22,7 @@ from gptlab.language_model import LanguageModel
 from gptlab.model import GPT, KVCache
 from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.tokenizer import load
-from tests.conftest import KERNEL_VARIANTS, run_cli, tiny_model_config
+from tests.conftest import KERNEL_VARIANTS, run_clis, tiny_model_config
 from tests.helpers import hf_generate
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -476,13 +476,13 @@ def ckpt(lm, tmp_path_factory):
 
 def test_cli_generate_stream_beams_int8(ckpt, lm):
     common = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"]
-    plain = run_cli(*common, "--prompt", "Hello", "--prompt", "The")
-    assert plain.returncode == 0, plain.stderr
     expected = lm.generate(["Hello", "The"], max_new_tokens=8, **GREEDY)
+    plain, streamed, beams = run_clis([*common, "--prompt", "Hello", "--prompt", "The"],  # three processes at once
+                                      [*common, "--prompt", "Hello", "--stream", "--stop", expected[0][3:6]],
+                                      [*common, "--prompt", "Hello", "--num-beams", "3", "--quantize", "int8"])
+    assert plain.returncode == 0, plain.stderr
     assert plain.stdout == f"Hello{expected[0]}\n\nThe{expected[1]}\n"
-    streamed = run_cli(*common, "--prompt", "Hello", "--stream", "--stop", expected[0][3:6])
     assert streamed.returncode == 0 and streamed.stdout == "Hello" + expected[0][: expected[0].index(expected[0][3:6])] + "\n"
-    beams = run_cli(*common, "--prompt", "Hello", "--num-beams", "3", "--quantize", "int8")
     int8_beams = LanguageModel.load(ckpt, quantize="int8").generate("Hello", num_beams=3, max_new_tokens=8,
                                                                      ignore_eos=True)
     assert beams.returncode == 0 and beams.stdout == f"Hello{int8_beams[0]}\n", beams.stderr

@@ -17,7 +17,7 @@ from gptlab.moderation import (
     StreamScreen,
     load_moderator,
 )
-from tests.conftest import API_KEY, run_cli, tiny_train_config
+from tests.conftest import API_KEY, tiny_train_config
 from tests.helpers import ServerProcess
 
 SENTENCE = "the weather is nice today and you are a fucking idiot."
@@ -60,18 +60,18 @@ WHO = ["the king", "this man", "her son", "my lord", "that knave", "the duke", "
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory, tiny_pretrained):
-    """A tiny classifier fine-tuned with `gptlab finetune --task classify`: labels ok / insult."""
+def classifier(tmp_path_factory, tiny_pretrained, one_torch_thread):
+    """A tiny classifier fine-tuned with `gptlab finetune --task classify`: labels ok / insult. In process, on one
+    torch thread (a child process took two, which on a busy 2-core machine only spin)."""
     data = tmp_path_factory.mktemp("insults")
     rows = [{"text": f"{who} is {word}.", "label": "insult" if word in RUDE else "ok"}
             for who in WHO for word in KIND + RUDE]
     for split in ("train", "val"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path_factory.mktemp("moderator") / "insult-moderator"
-    result = run_cli("finetune", "--task", "classify", "--method", "full", "--init", str(tiny_pretrained),
-                     "--data", str(data), "--out", str(out), "--max-steps", "60", "--batch-size", "16",
-                     "--lr", "3e-3", "--eval-interval", "1000", "--ckpt-interval", "1000", "--precision", "fp32")
-    assert result.returncode == 0, result.stderr
+    cli.main(["finetune", "--task", "classify", "--method", "full", "--init", str(tiny_pretrained),
+              "--data", str(data), "--out", str(out), "--max-steps", "60", "--batch-size", "16",
+              "--lr", "3e-3", "--eval-interval", "1000", "--ckpt-interval", "1000", "--precision", "fp32"])
     return out
 
 
@@ -119,7 +119,7 @@ def test_moderate_eval_reports_precision_and_recall(classifier, tmp_path, capsys
 
 # --- a real server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def rude_model(tmp_path_factory):
+def rude_model(tmp_path_factory, one_torch_thread):
     """A tiny model that has learnt one sentence by heart: greedy decoding after PROMPT swears."""
     from gptlab.data import prepare
     from gptlab.train import pretrain

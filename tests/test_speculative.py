@@ -19,7 +19,7 @@ from gptlab.model import GPT
 from gptlab.sampling import SamplingConfig, filter_logits
 from gptlab.speculative import SpeculativeConfig, lookup
 from gptlab.tokenizer import load
-from tests.conftest import load_gpt, run_cli, tiny_model_config
+from tests.conftest import load_gpt, run_clis, tiny_model_config
 from tests.helpers import ServerProcess
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -193,9 +193,8 @@ def test_cli_generate_with_a_draft_and_prompt_lookup(chat_ckpt, draft_ckpt):
                         [SamplingConfig(max_new_tokens=24, **GREEDY)])
     args = ["generate", "--ckpt", str(chat_ckpt), "--prompt", "Friends, Romans", "--temperature", "0",
             "--max-new-tokens", "24", "--ignore-eos"]
-    for flags, method in ((["--draft", str(draft_ckpt), "--num-draft-tokens", "3"], "draft"),
-                          (["--prompt-lookup"], "prompt_lookup")):
-        fast = run_cli(*args, *flags)
+    methods = ((["--draft", str(draft_ckpt), "--num-draft-tokens", "3"], "draft"), (["--prompt-lookup"], "prompt_lookup"))
+    for (_, method), fast in zip(methods, run_clis(*[[*args, *flags] for flags, _ in methods]), strict=True):
         assert fast.returncode == 0, fast.stderr
         assert fast.stdout == "Friends, Romans" + plain.text + "\n"
         assert f"speculative ({method}):" in fast.stderr and "tokens per target pass" in fast.stderr
@@ -208,9 +207,8 @@ def test_cli_refuses_bad_speculation_in_one_line(chat_ckpt, draft_ckpt, tmp_path
                                                   "model_config": small_vocab.config.to_dict(),
                                                   "tokenizer": load_gpt(chat_ckpt)[1].to_dict()})
     base = ["generate", "--ckpt", str(chat_ckpt), "--prompt", "x"]
-    for flags, message in ((["--draft", str(draft_ckpt), "--num-draft-tokens", "0"], "num_draft_tokens"),
-                           (["--draft", str(other)], "vocabulary")):
-        result = run_cli(*base, *flags)
+    cases = ((["--draft", str(draft_ckpt), "--num-draft-tokens", "0"], "num_draft_tokens"), (["--draft", str(other)], "vocabulary"))
+    for (_, message), result in zip(cases, run_clis(*[[*base, *flags] for flags, _ in cases]), strict=True):
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and not result.stdout
 
