@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -9,11 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.cpu import kernels
 from gptlab.data import prepare, shakespeare_documents
 from tests.helpers import ServerProcess
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: `make test` runs "quick"; "thorough" runs thousands of
+# cases (docs/SERVING.md records a run). Property tests that pin their own max_examples keep it in both.
+settings.register_profile("quick", max_examples=300)
+settings.register_profile("thorough", max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.fixture(scope="session", autouse=True)
