@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gptlab.config import PRESETS, ConfigError, GPTConfig, TrainConfig
@@ -55,3 +57,13 @@ def test_fast_presets_bring_their_training_switches_and_flags_win():
     assert plain.model_config().departures_from_gpt2() == {}
     with pytest.raises(ConfigError, match="optimizer must be adamw or muon"):
         TrainConfig(optimizer="sgd")
+
+
+def test_no_qk_norm_config_file_keeps_the_other_fast_switches():
+    # configs/micro-fast-no-qk-norm.yaml, the induction-head and in-context-learning recipes' model
+    path = Path(__file__).parent.parent / "configs" / "micro-fast-no-qk-norm.yaml"
+    cfg = TrainConfig.from_sources(str(path), preset="micro-fast", model={"n_layer": 2, "n_head": 4})
+    assert (cfg.optimizer, cfg.lr_schedule) == ("muon", "wsd")
+    model = cfg.model_config()
+    assert (model.n_layer, model.n_head) == (2, 4)
+    assert model.departures_from_gpt2() == {"pos_encoding": "rotary", "activation": "relu2", "tie_embeddings": False}
