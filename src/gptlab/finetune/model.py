@@ -96,13 +96,16 @@ class FinetuneModel(nn.Module):
 
 
 def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, partial_state: bool,
-                  tokenizer: Tokenizer) -> FinetuneModel:
+                  tokenizer: Tokenizer | None = None) -> FinetuneModel:
     """Wrap `gpt` for the task and set what trains according to the method (a vision tower always trains:
-    `--method freeze --train-layers 0` is the frozen-LM recipe, LLaVA's first stage)."""
+    `--method freeze --train-layers 0` is the frozen-LM recipe, LLaVA's first stage). `tokenizer`, the model's,
+    turns `lora_tokens` into embedding rows."""
     model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state,
                           cfg.vision_config() if cfg.task == "vqa" else None,
                           tag_reads=2 if cfg.task == "tag" and cfg.tag_read == "span" else 1)
     if cfg.method == "lora":
+        if cfg.lora_tokens and tokenizer is None:
+            raise ValueError("lora_tokens names tokens: prepare_model needs the model's tokenizer")
         lora.apply_lora(gpt, cfg.lora_config(tokenizer))
     elif cfg.method == "freeze":
         blocks = gpt.transformer.h
