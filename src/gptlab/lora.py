@@ -114,20 +114,13 @@ class TrainableTokens(nn.Module):
         return weight.index_copy(0, self.token_indices, self.trainable_tokens_delta.to(weight.dtype))
 
 
-def embedding_modules(model: nn.Module) -> list[nn.Module]:
-    """The token embedding, and the LM head when it shares the embedding's matrix (GPT-2's weight tying)."""
-    wte, head = model.transformer.wte, model.lm_head
-    tied = parametrize.is_parametrized(wte) and parametrize.is_parametrized(head) \
-        and wte.parametrizations.weight.original is head.parametrizations.weight.original
-    return [wte, head] if tied or head.weight is wte.weight else [wte]
-
-
 def train_token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> TrainableTokens:
-    """Make the embedding rows `token_ids` trainable (in place). One TrainableTokens serves the embedding and a
-    tied LM head alike, so the two roles keep one matrix and a token's new row changes both."""
-    modules = embedding_modules(model)
-    rows = TrainableTokens(modules[0].weight, token_ids)
-    for module in modules:
+    """Make the embedding rows `token_ids` trainable (in place). One TrainableTokens serves the embedding and,
+    when it shares the embedding's matrix (GPT-2's weight tying), the LM head: the two roles keep one matrix and
+    a token's new row changes both."""
+    wte, head = model.transformer.wte, model.lm_head
+    rows = TrainableTokens(wte.weight, token_ids)
+    for module in [wte, head] if head.weight is wte.weight else [wte]:
         parametrize.register_parametrization(module, "weight", rows)
     return rows
 
@@ -143,7 +136,7 @@ def remove_token_rows(model: nn.Module, merge: bool) -> None:
     rows = token_rows(model)
     if rows is None:
         return
-    modules = embedding_modules(model)
+    modules = [m for m in (model.transformer.wte, model.lm_head) if parametrize.is_parametrized(m)]
     with torch.no_grad():
         if merge:  # in the shared matrix itself, so a tied LM head gets the rows too and stays tied
             original = modules[0].parametrizations.weight.original
@@ -191,9 +184,9 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What trains besides the base, keyed as in PEFT less its `base_model.model.` prefix and `.weight` suffix:
-    `<layer>.lora_A`, `<layer>.lora_B`, and `transformer.wte.token_adapter.trainable_tokens_delta`."""
-    state = {f"{name}.{part}": getattr(layer, part).detach()
+    """What trains besides the base, keyed as in PEFT less its `base_model.model.` prefix:
+    `<layer>.lora_A.weight`, `<layer>.lora_B.weight`, and `transformer.wte.token_adapter.trainable_tokens_delta`."""
+    state = {f"{name}.{part}.weight": getattr(layer, part).detach()
              for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
     if (rows := token_rows(model)) is not None:
         state["transformer.wte.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.detach()
@@ -213,8 +206,7 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, out: str | Path, bas
     and PEFT's LoRA on GPT-2's Conv1D keeps A as (rank, in) and B as (out, rank) just like ours, with
     `fan_in_fan_out` telling PEFT about Conv1D's transposed base weight.
     """
-    tensors = {f"base_model.model.{key}" + ("" if key.endswith("delta") else ".weight"): value.float().contiguous().clone()
-               for key, value in adapter_state(model).items()}
+    tensors = {f"base_model.model.{key}": value.float().contiguous().clone() for key, value in adapter_state(model).items()}
     if not lora_layers(model):
         raise LoRAError("the model has no LoRA layers to export")
     peft_config = {

@@ -121,11 +121,10 @@ def evaluate(lm: LanguageModel, tasks: list[str], include_path: str | None = Non
     """lm-eval's `simple_evaluate` on the model; unknown tasks are a TaskError before any work."""
     _template_lm()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     if include_path is not None and not os.path.isdir(include_path):
         raise TaskError(f"--include-path {include_path} is not a directory")
-    manager = _task_manager(TaskManager, tasks, include_path)
+    manager = _task_manager(tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise TaskError(f"unknown lm-eval task {unknown[0]!r}" + ("" if include_path else
@@ -134,15 +133,17 @@ def evaluate(lm: LanguageModel, tasks: list[str], include_path: str | None = Non
                            task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
 
 
-def _task_manager(task_manager: type, tasks: list[str], include_path: str | None) -> Any:
+def _task_manager(tasks: list[str], include_path: str | None) -> Any:
     """lm-eval's TaskManager for `tasks`. Indexing lm-eval's own ~15,000 task names takes 10-20 s; when every
     task is a plain task (not a group or tag) under include_path, that directory alone is indexed: a name
     there overrides lm-eval's own anyway, and a plain task needs no other entry of the index."""
+    from lm_eval.tasks import TaskManager
+
     if include_path is not None:
-        local = task_manager(include_path=include_path, include_defaults=False)
+        local = TaskManager(include_path=include_path, include_defaults=False)
         if set(tasks) <= set(local.all_subtasks):  # lm-eval's name for plain tasks
             return local
-    return task_manager(include_path=include_path)
+    return TaskManager(include_path=include_path)
 
 
 def run(ckpt: str, tasks: str, include_path: str | None = None, num_fewshot: int | None = None,
