@@ -6,8 +6,8 @@
 Both score the same sliding windows (gptlab.eval.perplexity.windows) in float32 on CPU, batch 4, 2 threads, after a
 warm-up; transformers the Hugging Face guide's way (labels with -100 on the tokens an earlier window scored, logits
 for every position), gptlab with its batched scorer (the LM head only on the scored positions) on the model
-`gptlab.load` returns. Prints one JSON line per stride: seconds of each, tokens/s, the speed ratio and the
-relative difference of the two mean NLLs.
+`gptlab.load` returns, in --rounds rounds of alternating order. Prints one JSON line per stride: seconds of each,
+tokens/s, the speed ratio (total and per round) and the relative difference of the two mean NLLs.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per stride, in alternating order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -71,22 +72,32 @@ def main() -> None:
     doc = Document("plays", ids, int(tokenizer.token_bytes[ids[1:]].sum()))
     perplexity(lm, [Document("warm-up", ids[:600], 1)], 512, args.batch_size, progress=False)
     transformers_nll(reference, ids[:600], 1024, 512, args.batch_size)
+    n = len(ids) - 1
     for stride in [512] if args.quick else [1024, 512]:
-        start = time.perf_counter()
-        ours = perplexity(lm, [doc], stride, args.batch_size, progress=False)[0].nll_sum
-        ours_s = time.perf_counter() - start
-        start = time.perf_counter()
-        theirs = transformers_nll(reference, ids, 1024, stride, args.batch_size)
-        theirs_s = time.perf_counter() - start
-        n = len(ids) - 1
+        # rounds in alternating order (ours first, then theirs first, ...): on a shared machine the load drifts,
+        # and a drift that slows the second runner of every round would otherwise bias the ratio
+        ours_s = theirs_s = 0.0
+        ratios = []
+        for round_ in range(args.rounds):
+            timed = {}
+            for runner in (["ours", "theirs"] if round_ % 2 == 0 else ["theirs", "ours"]):
+                start = time.perf_counter()
+                if runner == "ours":
+                    ours = perplexity(lm, [doc], stride, args.batch_size, progress=False)[0].nll_sum
+                else:
+                    theirs = transformers_nll(reference, ids, 1024, stride, args.batch_size)
+                timed[runner] = time.perf_counter() - start
+            ours_s += timed["ours"]
+            theirs_s += timed["theirs"]
+            ratios.append(timed["theirs"] / timed["ours"])
         print(json.dumps({"case": f"perplexity-stride{stride}", "tokens": n, "threads": args.threads,
-                          "batch_size": args.batch_size, "gptlab_s": round(ours_s, 2),
-                          "transformers_s": round(theirs_s, 2), "gptlab_tokens_per_s": round(n / ours_s),
-                          "transformers_tokens_per_s": round(n / theirs_s), "speedup": round(theirs_s / ours_s, 2),
+                          "batch_size": args.batch_size, "rounds": args.rounds, "gptlab_s": round(ours_s, 2),
+                          "transformers_s": round(theirs_s, 2), "gptlab_tokens_per_s": round(args.rounds * n / ours_s),
+                          "transformers_tokens_per_s": round(args.rounds * n / theirs_s),
+                          "speedup": round(theirs_s / ours_s, 2), "speedup_per_round": [round(r, 2) for r in ratios],
                           "perplexity": round(math.exp(ours / n), 2), "nll_rel_diff": abs(ours - theirs) / abs(theirs),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                           "load_average": os.getloadavg()[0]}), flush=True)
-
 
 if __name__ == "__main__":
     main()
