@@ -38,8 +38,11 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
+# Two test processes (pytest-xdist), each module's tests in one of them so module fixtures are built once: most
+# tests wait on a CLI or server subprocess importing torch on one core, which one process alone leaves idle.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/tokenize.py
