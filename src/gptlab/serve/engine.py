@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _MALLOC_TRIM = _malloc_trim()
 RELEASE_AFTER_IDLE_S = 1.0  # how long the engine waits without work before it releases memory
+THROUGHPUT_HISTORY_S = 60  # seconds of generated-token counts kept for tokens_per_second
 
 
 def release_memory() -> None:
@@ -100,7 +102,12 @@ class Engine:
         self._stopping = False
         self.draining = False  # shutting down: no new work
         self._abort: APIError | None = None  # set when the drain deadline passes: end everything with it
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps: tokens/s
+        # tokens generated in each whole second of the last minute, a ring of C integers: a step records its
+        # tokens without making a Python object. A (time, tokens) tuple per step, kept for a minute, outlived a
+        # burst of requests by thousands, scattered over the memory the burst had filled, and pinned it: CPython
+        # gives its 1 MiB arenas back to the OS only once nothing in them is alive
+        self._second_tokens = array("q", bytes(8 * THROUGHPUT_HISTORY_S))
+        self._seconds = array("q", [-1] * THROUGHPUT_HISTORY_S)  # the second each slot of the ring counts
         self._worked = False  # something ran since the engine last went idle (and released memory)
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
 
@@ -123,11 +130,18 @@ class Engine:
             self._abort = error
             self._cond.notify()
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        """Generated tokens per second over the last `window` seconds."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if t >= now - window]
-        return sum(n for _, n in recent) / window
+    def tokens_per_second(self, window: int = 10) -> float:
+        """Generated tokens per second over the last `window` whole seconds (at most THROUGHPUT_HISTORY_S)."""
+        now = int(time.monotonic())
+        return sum(n for second, n in zip(self._seconds, self._second_tokens, strict=True)
+                   if now - window < second <= now) / window
+
+    def _count_tokens(self, tokens: int) -> None:
+        second = int(time.monotonic())
+        slot = second % THROUGHPUT_HISTORY_S
+        if self._seconds[slot] != second:  # a second ago + THROUGHPUT_HISTORY_S: start the slot again
+            self._seconds[slot], self._second_tokens[slot] = second, 0
+        self._second_tokens[slot] += tokens
 
     def _check_open(self) -> None:
         if self.draining:
@@ -241,9 +255,7 @@ class Engine:
         failed = [seq for seq, event in results if event.finish_reason == "error"]
         self.stats.finished += sum(event.finish_reason not in (None, "error") for _, event in results)
         self.stats.generated_tokens += len(results) - len(failed)
-        self._recent.append((time.monotonic(), len(results) - len(failed)))
-        while self._recent and self._recent[0][0] < time.monotonic() - 60:
-            self._recent.popleft()
+        self._count_tokens(len(results) - len(failed))
         for _, event in results:
             if event.speculation is not None:
                 usage = event.speculation
