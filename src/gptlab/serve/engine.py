@@ -36,23 +36,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptlab.serve")
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+def _glibc(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
+    """A function of glibc's malloc (malloc_trim, mallopt), or None where the C library has none (musl, macOS)."""
     with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 RELEASE_AFTER_IDLE_S = 1.0  # how long the engine waits without work before it releases memory
 THROUGHPUT_HISTORY_S = 60  # seconds of generated-token counts kept for tokens_per_second
 
 
 def release_memory() -> None:
-    """Give the memory a load freed back to the operating system. glibc keeps freed chunks in its arenas (one
-    per thread that allocated: the event loop, the engine, torch's) and the RSS stays at the load's peak until
-    malloc_trim returns them; the collection first frees the reference cycles finished requests leave
-    (asyncio tasks, exceptions with their tracebacks)."""
+    """Give the memory a load freed back to the operating system. glibc keeps freed chunks in its arena and
+    the RSS stays at the load's peak until malloc_trim returns them; the collection first frees the reference
+    cycles finished requests leave (asyncio tasks, exceptions with their tracebacks)."""
     gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -112,6 +113,12 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
 
     def start(self) -> None:
+        if _MALLOPT is not None:
+            # one glibc arena for every thread started from now on (the engine's, anyio's workers): malloc_trim
+            # returns the free pages inside a thread's own arena but never shrinks its top, which kept ~5 MB
+            # that a load had freed on the engine's arena (docs/SERVING.md, memory). glibc fixes its arena limit
+            # only once a 9th arena is made, so this holds in a server, whose engine is its first thread
+            _MALLOPT(M_ARENA_MAX, 1)
         self._thread.start()
 
     def stop(self) -> None:
