@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,12 +65,6 @@ def create_app(lm: LanguageModel, cfg: ServeConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Starlette runs each streamed response in an anyio task group, and the first one imports anyio's
-        # asyncio backend: ~4,000 objects that live as long as the process. Made during a burst of streams,
-        # they land all over the memory the burst fills and keep it from going back to the OS after it
-        # (CPython returns a 1 MiB arena only once nothing in it is alive), so they are made here, at start
-        async with anyio.create_task_group():
-            pass
         server.engine.start()
         yield
         server.engine.stop()
