@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,22 +36,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptlab.serve")
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+def _glibc(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
+    """A function of glibc's malloc (malloc_trim, mallopt), or None where the C library has none (musl, macOS)."""
     with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 RELEASE_AFTER_IDLE_S = 1.0  # how long the engine waits without work before it releases memory
+THROUGHPUT_HISTORY_S = 60  # seconds of generated-token counts kept for tokens_per_second
 
 
 def release_memory() -> None:
-    """Give the memory a load freed back to the operating system. glibc keeps freed chunks in its arenas (one
-    per thread that allocated: the event loop, the engine, torch's) and the RSS stays at the load's peak until
-    malloc_trim returns them; the collection first frees the reference cycles finished requests leave
-    (asyncio tasks, exceptions with their tracebacks)."""
+    """Give the memory a load freed back to the operating system. glibc keeps freed chunks in its arena and
+    the RSS stays at the load's peak until malloc_trim returns them; the collection first frees the reference
+    cycles finished requests leave (asyncio tasks, exceptions with their tracebacks)."""
     gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -100,11 +103,22 @@ class Engine:
         self._stopping = False
         self.draining = False  # shutting down: no new work
         self._abort: APIError | None = None  # set when the drain deadline passes: end everything with it
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps: tokens/s
+        # tokens generated in each whole second of the last minute, a ring of C integers: a step records its
+        # tokens without making a Python object. A (time, tokens) tuple per step, kept for a minute, outlived a
+        # burst of requests by thousands, scattered over the memory the burst had filled, and pinned it: CPython
+        # gives its 1 MiB arenas back to the OS only once nothing in them is alive
+        self._second_tokens = array("q", bytes(8 * THROUGHPUT_HISTORY_S))
+        self._seconds = array("q", [-1] * THROUGHPUT_HISTORY_S)  # the second each slot of the ring counts
         self._worked = False  # something ran since the engine last went idle (and released memory)
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
 
     def start(self) -> None:
+        if _MALLOPT is not None:
+            # one glibc arena for every thread started from now on (the engine's, anyio's workers): malloc_trim
+            # returns the free pages inside a thread's own arena but never shrinks its top, which kept ~5 MB
+            # that a load had freed on the engine's arena (docs/SERVING.md, memory). glibc fixes its arena limit
+            # only once a 9th arena is made, so this holds in a server, whose engine is its first thread
+            _MALLOPT(M_ARENA_MAX, 1)
         self._thread.start()
 
     def stop(self) -> None:
@@ -123,11 +137,18 @@ class Engine:
             self._abort = error
             self._cond.notify()
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        """Generated tokens per second over the last `window` seconds."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if t >= now - window]
-        return sum(n for _, n in recent) / window
+    def tokens_per_second(self, window: int = 10) -> float:
+        """Generated tokens per second over the last `window` whole seconds (at most THROUGHPUT_HISTORY_S)."""
+        now = int(time.monotonic())
+        return sum(n for second, n in zip(self._seconds, self._second_tokens, strict=True)
+                   if now - window < second <= now) / window
+
+    def _count_tokens(self, tokens: int) -> None:
+        second = int(time.monotonic())
+        slot = second % THROUGHPUT_HISTORY_S
+        if self._seconds[slot] != second:  # a second ago + THROUGHPUT_HISTORY_S: start the slot again
+            self._seconds[slot], self._second_tokens[slot] = second, 0
+        self._second_tokens[slot] += tokens
 
     def _check_open(self) -> None:
         if self.draining:
@@ -241,9 +262,7 @@ class Engine:
         failed = [seq for seq, event in results if event.finish_reason == "error"]
         self.stats.finished += sum(event.finish_reason not in (None, "error") for _, event in results)
         self.stats.generated_tokens += len(results) - len(failed)
-        self._recent.append((time.monotonic(), len(results) - len(failed)))
-        while self._recent and self._recent[0][0] < time.monotonic() - 60:
-            self._recent.popleft()
+        self._count_tokens(len(results) - len(failed))
         for _, event in results:
             if event.speculation is not None:
                 usage = event.speculation
