@@ -150,7 +150,7 @@ def test_peoples_daily_tags_follow_the_pos_tags():
 def _finetune(out, init, data, **settings):
     train = dict(init=str(init), data=str(data), out=str(out), max_steps=80, batch_size=8,
                  eval_interval=1000, ckpt_interval=1000, warmup_steps=5, precision="fp32", lr=3e-3)
-    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "tag_read", "from_scratch") if k in settings}
+    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "tag_read", "tag_head", "from_scratch") if k in settings}
     cfg, ft = configs_from_sources(None, {**train, **settings}, tune)
     return finetune(cfg, ft, log=lambda _: None)
 
@@ -158,8 +158,9 @@ def _finetune(out, init, data, **settings):
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory, tiny_pretrained, ner_dir):
     out = tmp_path_factory.mktemp("tagger") / "run"
-    # span: the read the People's Daily recipe uses; its twice-wide head goes through save, load, predict, serve
-    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full", tag_read="span")
+    # the People's Daily recipe's tagger (left context, span read, BiLSTM head) goes through save, load, predict, serve
+    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full", tag_context="left",
+                          tag_read="span", tag_head="bilstm")
 
 
 def test_tagger_learns_held_out_sentences_and_predict_and_eval_task_agree(tmp_path, tagger, ner_dir, capsys):
