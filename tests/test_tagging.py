@@ -84,6 +84,22 @@ def test_the_tag_head_reads_each_words_first_token_or_its_first_and_last_side_by
         assert torch.allclose(model.tag(x, positions)[0], model.head(states), atol=1e-6)
 
 
+def test_the_bilstm_tag_head_sees_the_words_after_a_word_and_ignores_padding():
+    torch.manual_seed(0)
+    cfg = FinetuneConfig(task="tag", tag_context="left", tag_read="span", tag_head="bilstm")
+    model = prepare_model(GPT(tiny_model_config()), cfg, ["B-X", "O"], False)
+    x = torch.randint(0, model.config.vocab_size, (2, 10))
+    positions = torch.tensor([[[0, 2], [3, 4], [5, 9]], [[0, 2], [3, 4], [0, 0]]])  # row 1: two words, then padding
+    with torch.no_grad():
+        both = model.tag(x, positions)
+        changed = x.clone()
+        changed[0, 5:] = (x[0, 5:] + 1) % model.config.vocab_size
+        # a causal model's first words cannot see the third word; through the BiLSTM their tags do
+        assert not torch.allclose(model.tag(changed, positions)[0, :2], both[0, :2])
+        # the padded third word of row 1 changes nothing of its two real words
+        assert torch.allclose(both[1, :2], model.tag(x[1:, :5], positions[1:, :2])[0], atol=1e-6)
+
+
 def test_entity_scores_are_seqevals_on_a_hand_checked_case():
     reference = [["B-PER", "I-PER", "O", "B-LOC", "O"], ["B-ORG", "O", "B-LOC", "I-LOC"]]
     predicted = [["B-PER", "I-PER", "O", "B-ORG", "O"], ["B-ORG", "O", "B-LOC", "O"]]
@@ -121,6 +137,10 @@ def test_peoples_daily_tags_follow_the_pos_tags():
     sentence = [("中共中央", "nt"), ("总书记", "n"), ("江", "nr"), ("泽民", "nr"), ("在", "p"), ("北京", "ns"),
                 ("上海", "ns"), ("。", "w")]
     assert datasets._bio(sentence) == ["B-ORG", "O", "B-PER", "I-PER", "O", "B-LOC", "B-LOC", "O"]
+    # a list of people without commas is one person per surname + given name; a three-word name stays one
+    people = [("江", "nr"), ("泽民", "nr"), ("李", "nr"), ("鹏", "nr"), ("、", "w"), ("陈", "nr"), ("方", "nr"),
+              ("安生", "nr"), ("会见", "v"), ("克林顿", "nr")]
+    assert datasets._bio(people) == ["B-PER", "I-PER", "B-PER", "I-PER", "O", "B-PER", "I-PER", "I-PER", "O", "B-PER"]
     long = [("字", "n")] * 60 + [("，", "w")] + [("字", "n")] * 60 + [("。", "w")]
     from collections import Counter
     parts = list(datasets._pd_cut(long, Counter()))
@@ -130,7 +150,7 @@ def test_peoples_daily_tags_follow_the_pos_tags():
 def _finetune(out, init, data, **settings):
     train = dict(init=str(init), data=str(data), out=str(out), max_steps=80, batch_size=8,
                  eval_interval=1000, ckpt_interval=1000, warmup_steps=5, precision="fp32", lr=3e-3)
-    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "tag_read", "from_scratch") if k in settings}
+    tune = {k: settings.pop(k) for k in ("task", "method", "tag_context", "tag_read", "tag_head", "from_scratch") if k in settings}
     cfg, ft = configs_from_sources(None, {**train, **settings}, tune)
     return finetune(cfg, ft, log=lambda _: None)
 
@@ -138,8 +158,9 @@ def _finetune(out, init, data, **settings):
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory, tiny_pretrained, ner_dir):
     out = tmp_path_factory.mktemp("tagger") / "run"
-    # span: the read the People's Daily recipe uses; its twice-wide head goes through save, load, predict, serve
-    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full", tag_read="span")
+    # the People's Daily recipe's tagger (left context, span read, BiLSTM head) goes through save, load, predict, serve
+    return out, _finetune(out, tiny_pretrained, ner_dir, task="tag", method="full", tag_context="left",
+                          tag_read="span", tag_head="bilstm")
 
 
 def test_tagger_learns_held_out_sentences_and_predict_and_eval_task_agree(tmp_path, tagger, ner_dir, capsys):

@@ -46,6 +46,10 @@ class FinetuneConfig:
     # side by side, so it knows where the word ends (a causal model's first token cannot: for one token per
     # Chinese character, 中 of 中国 and of 中国共产党 look alike there) and has seen all of it at the last
     tag_read: Literal["first", "span"] = "first"
+    # tag: linear: the tag is the head's reading of the word alone; bilstm: a one-layer bidirectional LSTM runs
+    # over the sentence's words first, so each word's tag also sees the words after it without paying for echo's
+    # second copy (the BiLSTM-CRF taggers' design, on the GPT's features instead of word embeddings)
+    tag_head: Literal["linear", "bilstm"] = "linear"
 
     vision_encoder: str = "cnn"  # vqa: the image encoder trained with the model (gptlab.vision.encoder)
     vision_width: int = 64  # vqa: the encoder's feature width
@@ -58,6 +62,8 @@ class FinetuneConfig:
             raise ConfigError(f"tag_context must be left or echo, got {self.tag_context!r}")
         if self.tag_read not in ("first", "span"):
             raise ConfigError(f"tag_read must be first or span, got {self.tag_read!r}")
+        if self.tag_head not in ("linear", "bilstm"):
+            raise ConfigError(f"tag_head must be linear or bilstm, got {self.tag_head!r}")
         if self.method not in ("full", "lora", "freeze"):
             raise ConfigError(f"method must be full, lora or freeze, got {self.method!r}")
         if self.lora_tokens and self.method != "lora":

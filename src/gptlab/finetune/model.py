@@ -1,11 +1,12 @@
 """The model being fine-tuned: a GPT (possibly with LoRA layers) plus an optional classification or tagging
-head (a linear layer on the last real token's hidden state, or on every word's) or vision tower (image encoder +
-projector), and which of its parameters train under each method."""
+head (a linear layer on the last real token's hidden state, or on every word's, possibly after a BiLSTM over
+the words) or vision tower (image encoder + projector), and which of its parameters train under each method."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from gptlab import lora
 from gptlab.config import ConfigError
@@ -23,14 +24,19 @@ class FinetuneModel(nn.Module):
     """
 
     def __init__(self, gpt: GPT, num_labels: int = 0, partial_state: bool = False,
-                 vision: VisionConfig | None = None, tag_reads: int = 1) -> None:
+                 vision: VisionConfig | None = None, tag_reads: int = 1, tag_lstm: bool = False) -> None:
         super().__init__()
         self.gpt = gpt
         self.vision = VisionTower(vision, gpt.config.n_embd) if vision is not None else None
         self.config = gpt.config
         self.partial_state = partial_state
         self.tag_reads = tag_reads  # tagging: hidden states per word side by side (1: first token, 2: first and last)
-        self.head = nn.Linear(tag_reads * gpt.config.n_embd, num_labels) if num_labels else None
+        width = tag_reads * gpt.config.n_embd
+        # tagging (tag_head "bilstm"): the words' readings pass through a bidirectional LSTM before the head
+        self.tag_lstm = nn.LSTM(width, gpt.config.n_embd, batch_first=True, bidirectional=True) if tag_lstm else None
+        if tag_lstm:
+            width = 2 * gpt.config.n_embd
+        self.head = nn.Linear(width, num_labels) if num_labels else None
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=0.02)  # GPT's initialisation: small logits at the start
             nn.init.zeros_(self.head.bias)
@@ -52,11 +58,17 @@ class FinetuneModel(nn.Module):
 
     def tag(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Tag logits (B, words, labels) from the hidden states at each word's first token, and its last too
-        when the head reads two (positions: (B, words, 2) of each word's first and last tokens)."""
+        when the head reads two (positions: (B, words, 2) of each word's first and last tokens; padded words
+        point at 0), through the BiLSTM over each sentence's words when there is one."""
         hidden = self.gpt.hidden_states(idx)
         read = positions[..., : self.tag_reads].flatten(1)  # (B, words * reads)
-        states = hidden.gather(1, read[..., None].expand(-1, -1, hidden.size(-1)))
-        return self.head(states.view(*positions.shape[:2], -1))
+        states = hidden.gather(1, read[..., None].expand(-1, -1, hidden.size(-1))).view(*positions.shape[:2], -1)
+        if self.tag_lstm is not None:
+            # only a sentence's first word can start at 0, so the words after it with a later start are its own
+            lengths = (positions[:, 1:, 0] > 0).sum(1) + 1
+            packed = pack_padded_sequence(states, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            states = pad_packed_sequence(self.tag_lstm(packed)[0], batch_first=True, total_length=states.size(1))[0]
+        return self.head(states)
 
     def classify_and_lm_loss(self, idx: torch.Tensor, last: torch.Tensor, with_lm_loss: bool = True,
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,7 +114,8 @@ def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, parti
     turns `lora_tokens` into embedding rows."""
     model = FinetuneModel(gpt, len(labels) if cfg.task in ("classify", "tag") else 0, partial_state,
                           cfg.vision_config() if cfg.task == "vqa" else None,
-                          tag_reads=2 if cfg.task == "tag" and cfg.tag_read == "span" else 1)
+                          tag_reads=2 if cfg.task == "tag" and cfg.tag_read == "span" else 1,
+                          tag_lstm=cfg.task == "tag" and cfg.tag_head == "bilstm")
     if cfg.method == "lora":
         if cfg.lora_tokens and tokenizer is None:
             raise ValueError("lora_tokens names tokens: prepare_model needs the model's tokenizer")
@@ -117,6 +130,8 @@ def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, parti
         gpt.transformer.ln_f.requires_grad_(True)
     if model.head is not None:
         model.head.requires_grad_(True)
+    if model.tag_lstm is not None:
+        model.tag_lstm.requires_grad_(True)
     if model.vision is not None:
         model.vision.requires_grad_(True)
     return model
