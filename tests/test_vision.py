@@ -59,7 +59,7 @@ def vqa_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vqa_run(tmp_path_factory, tiny_pretrained, vqa_data, one_torch_thread):
     """The tiny pretrained LM with a small CNN tower, fully fine-tuned until it has learnt the six answers (on one
-    torch thread: on a busy 2-core machine a second one only spins; accuracy 1.0 from step 125 of 200, 21 s CPU)."""
+    torch thread: on a busy 2-core machine a second one only spins; accuracy 1.0 from step 125 of 200)."""
     out = tmp_path_factory.mktemp("vqa-run") / "run"
     cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(vqa_data), out=str(out),
                                               max_steps=200, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=200,
