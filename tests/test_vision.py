@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 
 import openai
 import pytest
@@ -58,12 +59,11 @@ def vqa_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vqa_run(tmp_path_factory, tiny_pretrained, vqa_data, one_torch_thread):
     """The tiny pretrained LM with a small CNN tower, fully fine-tuned until it has learnt the six answers (on one
-    torch thread: on a busy 2-core machine a second one only spins, 111 s instead of 18 s; accuracy 1.0 from
-    step 125-150 of 300 on one thread or two)."""
+    torch thread: on a busy 2-core machine a second one only spins; accuracy 1.0 from step 125 of 200)."""
     out = tmp_path_factory.mktemp("vqa-run") / "run"
     cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(vqa_data), out=str(out),
-                                              max_steps=300, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=300,
-                                              ckpt_interval=300, precision="fp32"),
+                                              max_steps=200, batch_size=6, lr=3e-3, warmup_steps=5, eval_interval=200,
+                                              ckpt_interval=200, precision="fp32"),
                                    dict(task="vqa", method="full", vision_width=32, image_tokens=4, max_new_tokens=8))
     result = finetune(cfg, ft, log=lambda _: None)
     assert result["accuracy"] == 1.0, result
@@ -98,6 +98,39 @@ def test_input_embeddings_seam_equals_the_token_lookup():
     torch.testing.assert_close(other[1], logits[1])
     torch.testing.assert_close(other[0, :3], logits[0, :3])
     assert not torch.allclose(other[0, 3:], logits[0, 3:])
+
+
+def _random_shape(rng: random.Random) -> tuple[torch.Tensor, int]:
+    """Pixels of one of the three shapes at a random place and size, in a random dark colour on a light
+    background (easy-VQA's kind of image), and the shape's index."""
+    kind, size = rng.randrange(3), rng.randint(14, 36)
+    x, y = rng.randint(0, 64 - size), rng.randint(0, 64 - size)
+    image = Image.new("RGB", (64, 64), tuple(rng.randint(200, 255) for _ in range(3)))
+    draw, fill, box = ImageDraw.Draw(image), tuple(rng.randint(0, 160) for _ in range(3)), (x, y, x + size, y + size)
+    (lambda: draw.ellipse(box, fill=fill), lambda: draw.rectangle(box, fill=fill),
+     lambda: draw.polygon([(x + size // 2, y), (x + size, y + size), (x, y + size)], fill=fill))[kind]()
+    return load_image(_png(image), 64), kind
+
+
+def test_cnn_tower_features_tell_shapes_apart_wherever_they_are(one_torch_thread):
+    """A linear probe on the CNN tower's image vector learns the shape of unseen images in 60 steps. The first
+    CNN (average pool to the grid, then a LayerNorm) stayed at 45% (chance: 33%) here, and at chance on
+    easy-VQA's shape questions through the GPT."""
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    pixels, kinds = zip(*(_random_shape(rng) for _ in range(300)), strict=True)
+    pixels, kinds = torch.stack(pixels), torch.tensor(kinds)
+    tower, probe = VisionTower(VisionConfig(width=32, image_tokens=1), n_embd=32), torch.nn.Linear(32, 3)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(60):
+        batch = torch.randint(200, (32,))
+        loss = torch.nn.functional.cross_entropy(probe(tower(pixels[batch])[:, 0]), kinds[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (probe(tower(pixels[200:])[:, 0]).argmax(1) == kinds[200:]).float().mean().item()
+    assert accuracy >= 0.9
 
 
 @pytest.mark.parametrize("encoder", ["cnn", "vit"])
