@@ -69,8 +69,8 @@ class CNNEncoder(nn.Module):
     wherever the shape is. No LayerNorm on the pooled vectors either: it scaled every background-only vector up to
     unit size, so background noise looked as strong as the shape. With average pool + LayerNorm, a linear probe on
     the 16 vectors found easy-VQA's shape in 53% of test images after 400 steps (chance 33%) and the GPT answered
-    shape questions at chance; the global max pool reaches 98% in 300 steps (`test_cnn_tower_features_tell_shapes_
-    apart_wherever_they_are` is the cheap version of that check)."""
+    shape questions at chance; the global max pool reaches 98% in 300 steps (the cheap version of that check is
+    tests/test_vision.py::test_cnn_tower_features_tell_shapes_apart_wherever_they_are)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
