@@ -169,6 +169,7 @@ def test_eval_task_scores_exact_match_by_question_type(vqa_run, vqa_data):
     assert scores["items"] == 6 and scores["accuracy"] == scores["accuracy_color"] == scores["accuracy_shape"] == 1.0
     blank = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None, blank_images=True)
     assert blank["accuracy_color"] <= 1 / 3  # one answer for all three colours: at most one right
+    assert blank["loss"] > scores["loss"]  # the loss is of the blanked images too
 
 
 def test_the_checkpoint_holds_the_vision_tower(vqa_run):

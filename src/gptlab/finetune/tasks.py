@@ -343,7 +343,9 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
         vision = loaded.vision.config
         examples, pixels = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
         examples = examples[:max_items] if max_items else examples
-        scores = {"loss": response_loss(model, examples, pad, batch_size, precision, pixels),
+        # --blank-images blanks the loss's images too: it is the model's loss on the questions alone
+        scores = {"loss": response_loss(model, examples, pad, batch_size, precision,
+                                        torch.zeros_like(pixels) if blank_images else pixels),
                   **vqa_scores(model, examples, pixels, tokenizer, loaded.prompt_style, max_new_tokens, batch_size,
                                blank_images)}
     else:
