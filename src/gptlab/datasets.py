@@ -20,6 +20,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date
+from itertools import groupby
 from pathlib import Path
 
 from gptlab import synthetic
@@ -190,16 +191,12 @@ def _pd_cut(sentence: list[tuple[str, str]], skipped: Counter) -> Iterator[list[
 
 
 def _bio(sentence: list[tuple[str, str]]) -> list[str]:
-    tags, run = [], []  # run: the words of the current stretch of `nr` words
-    for word, pos in [*sentence, ("", "")]:
-        if pos == "nr":
-            run.append(word)
-            continue
-        tags += _person_tags(run)
-        run = []
-        if word:
-            kind = PD_ENTITIES.get(pos)
-            tags.append("O" if kind is None else f"B-{kind}")
+    tags = []
+    for person, words in groupby(sentence, key=lambda word_pos: word_pos[1] == "nr"):
+        if person:  # a stretch of `nr` words
+            tags += _person_tags([word for word, _ in words])
+        else:
+            tags += ["O" if pos not in PD_ENTITIES else f"B-{PD_ENTITIES[pos]}" for _, pos in words]
     return tags
 
 
