@@ -13,13 +13,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from gptlab import checkpoint, cli, loading
+from gptlab import checkpoint, cli, loading, prompts
+from gptlab.config import ConfigError, TrainConfig
+from gptlab.data import DataError
 from gptlab.errors import GptlabError
-from gptlab.finetune.config import configs_from_sources
+from gptlab.finetune.config import FinetuneConfig, configs_from_sources
+from gptlab.finetune.data import load_vqa
 from gptlab.finetune.run import finetune
-from gptlab.finetune.tasks import eval_task
+from gptlab.finetune.tasks import eval_task, vqa_task
 from gptlab.language_model import LanguageModel
-from gptlab.model import GPT
+from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.prompts import Message
 from gptlab.vision import ImageError, VisionConfig, VisionTower, load_image
 from gptlab.vision.images import MAX_PIXELS, decode_data_url
@@ -170,6 +173,30 @@ def test_eval_task_scores_exact_match_by_question_type(vqa_run, vqa_data):
     blank = eval_task(vqa_run, vqa_data / "val.jsonl", max_new_tokens=8, log=lambda _: None, blank_images=True)
     assert blank["accuracy_color"] <= 1 / 3  # one answer for all three colours: at most one right
     assert blank["loss"] > scores["loss"]  # the loss is of the blanked images too
+
+
+def test_vqa_stage1_draws_only_its_question_types_then_all(tiny_pretrained, vqa_data):
+    """--stage1-steps N --stage1-types shape: the batches of steps 0..N-1 ask shape questions only (read from the
+    answers they train), the later ones both kinds; a type no record has is a clear error."""
+    tokenizer, style = loading.load(tiny_pretrained).tokenizer, prompts.get("instruction")
+    train, pixels = load_vqa(vqa_data / "train.jsonl", tokenizer, 96, style, VisionConfig(image_tokens=1),
+                             log=lambda _: None)
+    task = vqa_task(train, pixels, train, pixels, tokenizer, style, TrainConfig(batch_size=4), 96, 8,
+                    stage1_steps=5, stage1_kinds={"shape"})
+    shapes, colors = {s for s, _ in SHAPES.values()}, set(SHAPES)
+
+    def answers(step: int) -> set[str]:
+        targets = task.sample_batch(step, 0)[1]
+        return {tokenizer.decode([t for t in row.tolist() if t != IGNORE_INDEX][:-1]) for row in targets}
+
+    assert set().union(*(answers(step) for step in range(5))) == shapes
+    later = set().union(*(answers(step) for step in range(5, 8)))
+    assert later & colors and later & shapes
+    with pytest.raises(DataError, match="no training question has a type in stage1_types"):
+        vqa_task(train, pixels, train, pixels, tokenizer, style, TrainConfig(batch_size=4), 96, 8, stage1_steps=5,
+                 stage1_kinds={"size"})
+    with pytest.raises(ConfigError, match="task vqa only"):
+        FinetuneConfig(task="sft", stage1_steps=5)
 
 
 def test_the_checkpoint_holds_the_vision_tower(vqa_run):

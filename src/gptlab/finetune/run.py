@@ -70,7 +70,8 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     elif ft.task == "tag":
         task = tag_task(train, val, tokenizer, labels, cfg, block)
     elif ft.task == "vqa":
-        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens)
+        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens,
+                        ft.stage1_steps, ft.stage1_kinds())
     else:
         task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),
