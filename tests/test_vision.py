@@ -26,6 +26,7 @@ from gptlab.model import GPT, IGNORE_INDEX
 from gptlab.prompts import Message
 from gptlab.vision import ImageError, VisionConfig, VisionTower, load_image
 from gptlab.vision.images import MAX_PIXELS, decode_data_url
+from gptlab.vision.pretrain import pretrain_tower
 from tests.conftest import run_cli, tiny_model_config
 from tests.helpers import ServerProcess
 from tests.test_playground import browser  # noqa: F401  (the headless Chromium fixture)
@@ -53,7 +54,8 @@ def vqa_data(tmp_path_factory):
         _draw(shape, rgb).save(root / "images" / f"{color}.png")
         for question, answer, kind in ((COLOR_Q, color, "color"), (SHAPE_Q, shape, "shape")):
             records.append({"instruction": f"<image>\n{question}", "output": answer,
-                            "images": [f"images/{color}.png"], "type": kind})
+                            "images": [f"images/{color}.png"], "type": kind,
+                            "image_labels": {"color": color, "shape": shape}})
     for split in ("train", "val"):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
@@ -179,7 +181,7 @@ def test_vqa_stage1_draws_only_its_question_types_then_all(tiny_pretrained, vqa_
     """--stage1-steps N --stage1-types shape: the batches of steps 0..N-1 ask shape questions only (read from the
     answers they train), the later ones both kinds; a type no record has is a clear error."""
     tokenizer, style = loading.load(tiny_pretrained).tokenizer, prompts.get("instruction")
-    train, pixels = load_vqa(vqa_data / "train.jsonl", tokenizer, 96, style, VisionConfig(image_tokens=1),
+    train, pixels, _ = load_vqa(vqa_data / "train.jsonl", tokenizer, 96, style, VisionConfig(image_tokens=1),
                              log=lambda _: None)
     task = vqa_task(train, pixels, train, pixels, tokenizer, style, TrainConfig(batch_size=4), 96, 8,
                     stage1_steps=5, stage1_kinds={"shape"})
@@ -195,8 +197,43 @@ def test_vqa_stage1_draws_only_its_question_types_then_all(tiny_pretrained, vqa_
     with pytest.raises(DataError, match="no training question has a type in stage1_types"):
         vqa_task(train, pixels, train, pixels, tokenizer, style, TrainConfig(batch_size=4), 96, 8, stage1_steps=5,
                  stage1_kinds={"size"})
-    with pytest.raises(ConfigError, match="task vqa only"):
+    with pytest.raises(ConfigError, match="stage1_steps applies to task vqa only"):
         FinetuneConfig(task="sft", stage1_steps=5)
+
+
+def test_vision_pretraining_teaches_the_tower_what_each_image_shows(vqa_data, tiny_pretrained, one_torch_thread):
+    """pretrain_tower: linear heads on the tower learn each image's labels (an image without a shape label is left
+    out of the shape loss); the returned scores are the heads' on the validation images."""
+    pixels, labels = load_vqa(vqa_data / "train.jsonl", loading.load(tiny_pretrained).tokenizer, 96, prompts.get("instruction"),
+                              VisionConfig(image_tokens=1), log=lambda _: None)[1:]
+    assert labels == [{"color": c, "shape": s} for c, (s, _) in SHAPES.items()]
+    torch.manual_seed(0)
+    tower = VisionTower(VisionConfig(width=32, image_tokens=1), n_embd=32)
+    partial = [labels[0], {"color": labels[1]["color"]}, labels[2]]
+    untrained = pretrain_tower(tower, pixels, partial, 0, 6, 3e-3, 0, (pixels, labels), log=lambda _: None)
+    scores = pretrain_tower(tower, pixels, partial, 40, 6, 3e-3, 0, (pixels, labels), log=lambda _: None)
+    assert scores == {"vision_color": 1.0, "vision_shape": 1.0} != untrained
+
+
+def test_image_labels_must_agree_and_pretraining_needs_them(vqa_data, tiny_pretrained, tmp_path):
+    records = [json.loads(line) for line in (vqa_data / "train.jsonl").read_text().splitlines()]
+    records[1]["image_labels"] = {"color": "red"}  # the yellow circle's other record says yellow
+    (tmp_path / "images").symlink_to(vqa_data / "images")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match="train.jsonl:2: image_labels 'color' is 'red', another record of this image "
+                                        "says 'yellow'"):
+        load_vqa(tmp_path / "train.jsonl", loading.load(tiny_pretrained).tokenizer, 96, prompts.get("instruction"), VisionConfig(),
+                 log=lambda _: None)
+    for r in records:
+        del r["image_labels"]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg, ft = configs_from_sources(None, dict(init=str(tiny_pretrained), data=str(tmp_path), out=str(tmp_path / "run")),
+                                   dict(task="vqa", method="full", vision_pretrain_steps=10))
+    with pytest.raises(DataError, match="--vision-pretrain-steps needs records with image_labels"):
+        finetune(cfg, ft, log=lambda _: None)
+    with pytest.raises(ConfigError, match="vision_pretrain_steps applies to task vqa only"):
+        FinetuneConfig(task="sft", vision_pretrain_steps=5)
 
 
 def test_the_checkpoint_holds_the_vision_tower(vqa_run):

@@ -60,6 +60,13 @@ class FinetuneConfig:
     # formed (the colour questions are easy, the yes/no ones are answered from the question alone)
     stage1_steps: int = 0
     stage1_types: str = "shape,color"
+    # vqa: steps that train the vision tower alone before the question answering, a linear head per attribute of
+    # the training records' image_labels (gptlab.vision.pretrain): through the GPT, a from-scratch encoder learnt
+    # only the attribute it met first
+    vision_pretrain_steps: int = 0
+    # vqa: the vision encoder does not train with the GPT (the projector does), as LLaVA keeps its pretrained one:
+    # the features --vision-pretrain-steps taught it stay as they are
+    freeze_vision_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in ("sft", "classify", "tag", "vqa"):
@@ -75,7 +82,7 @@ class FinetuneConfig:
         if self.lora_tokens and self.method != "lora":
             raise ConfigError(f"lora_tokens applies to method lora only (method {self.method} trains "
                               f"{'every' if self.method == 'full' else 'no'} embedding row)")
-        for name in ("train_layers", "eval_items", "stage1_steps"):
+        for name in ("train_layers", "eval_items", "stage1_steps", "vision_pretrain_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if isinstance(self.lm_weight, bool) or not isinstance(self.lm_weight, (int, float)) \
@@ -85,8 +92,9 @@ class FinetuneConfig:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.stage1_steps and not self.stage1_kinds():
             raise ConfigError("stage1_types must name at least one question type when stage1_steps is set")
-        if self.stage1_steps and self.task != "vqa":
-            raise ConfigError(f"stage1_steps applies to task vqa only, got task {self.task}")
+        for name in ("stage1_steps", "vision_pretrain_steps", "freeze_vision_encoder"):
+            if getattr(self, name) and self.task != "vqa":
+                raise ConfigError(f"{name} applies to task vqa only, got task {self.task}")
         from gptlab import prompts
 
         prompts.get(self.prompt_style)

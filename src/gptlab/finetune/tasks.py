@@ -359,7 +359,7 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
         scores = classification_scores(model, examples, pad, batch_size, precision)
     elif loaded.task == "vqa":
         vision = loaded.vision.config
-        examples, pixels = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
+        examples, pixels, _ = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
         examples = examples[:max_items] if max_items else examples
         # --blank-images blanks the loss's images too: it is the model's loss on the questions alone
         scores = {"loss": response_loss(model, examples, pad, batch_size, precision,
