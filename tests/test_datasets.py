@@ -96,3 +96,19 @@ def test_easy_vqa_keeps_the_package_test_split_and_copies_its_images(built):
     assert all((directory / i).is_file() for s in images.values() for i in s)
     assert {r["type"] for r in splits["test"]} == {"shape", "color", "yes_no"}
     assert all(r["instruction"].startswith("<image>\n") and r["output"] for r in splits["train"][:100])
+
+
+def test_easy_vqa_image_labels_agree_with_every_answer_and_stay_out_of_test(built):
+    directory, _ = built["easy-vqa"]
+    splits = {s: _records(directory, s) for s in datasets.SPLITS}
+    assert not any("image_labels" in r for r in splits["test"])  # they would be the test answers
+    labels = {}
+    for record in splits["train"] + splits["val"]:
+        assert labels.setdefault(record["images"][0], record.get("image_labels", {})) == record.get("image_labels", {})
+        if record["type"] in ("color", "shape") and record["type"] in record.get("image_labels", {}):
+            assert record["image_labels"][record["type"]] == record["output"]
+    # derived from the questions alone: 3,578 of the 4,000 training images get both their colour and their shape
+    assert len(labels) == 4_000 and sum(len(v) == 2 for v in labels.values()) == 3_578
+    assert sum(r["type"] == "color" and "color" not in r.get("image_labels", {}) for r in splits["train"]) == 0
+    with pytest.raises(datasets.DataError, match="contradict"):
+        datasets._easy_vqa_labels([["what color is the shape?", "red", 0], ["is there not a red shape?", "yes", 0]])

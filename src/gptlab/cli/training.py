@@ -249,6 +249,11 @@ def register(sub: argparse._SubParsersAction, parser_class: type) -> None:
     add_config_flags(p, FinetuneConfig, helps={
         "lora_tokens": "lora: the tokens of this text train as whole embedding rows (PEFT's trainable_token_indices), "
                        "e.g. 0123456789 for a base that has hardly read digits",
+        "stage1_steps": "vqa: the first N steps train only on the questions of --stage1-types (a curriculum)",
+        "stage1_types": "vqa: comma-separated question types (the records' \"type\") of the first --stage1-steps",
+        "vision_pretrain_steps": "vqa: steps that first train the vision tower alone on the records' image_labels "
+                                 "(a linear head per attribute; docs/MULTIMODAL.md)",
+        "freeze_vision_encoder": "vqa: the vision encoder does not train with the GPT (the projector does)",
     })
     p.set_defaults(func=cmd_finetune)
 

@@ -54,6 +54,19 @@ class FinetuneConfig:
     vision_encoder: str = "cnn"  # vqa: the image encoder trained with the model (gptlab.vision.encoder)
     vision_width: int = 64  # vqa: the encoder's feature width
     image_tokens: int = 16  # vqa: embeddings per image (a square number)
+    # vqa: LLaVA's two stages. The first stage1_steps optimizer steps draw only the questions whose "type" is one
+    # of stage1_types (comma-separated), so the vision tower learns what the image shows before the questions
+    # that compare it with the prompt: trained on everything from the start, easy-VQA's shape features never
+    # formed (the colour questions are easy, the yes/no ones are answered from the question alone)
+    stage1_steps: int = 0
+    stage1_types: str = "shape,color"
+    # vqa: steps that train the vision tower alone before the question answering, a linear head per attribute of
+    # the training records' image_labels (gptlab.vision.pretrain): through the GPT, a from-scratch encoder learnt
+    # only the attribute it met first
+    vision_pretrain_steps: int = 0
+    # vqa: the vision encoder does not train with the GPT (the projector does), as LLaVA keeps its pretrained one:
+    # the features --vision-pretrain-steps taught it stay as they are
+    freeze_vision_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in ("sft", "classify", "tag", "vqa"):
@@ -69,7 +82,7 @@ class FinetuneConfig:
         if self.lora_tokens and self.method != "lora":
             raise ConfigError(f"lora_tokens applies to method lora only (method {self.method} trains "
                               f"{'every' if self.method == 'full' else 'no'} embedding row)")
-        for name in ("train_layers", "eval_items"):
+        for name in ("train_layers", "eval_items", "stage1_steps", "vision_pretrain_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if isinstance(self.lm_weight, bool) or not isinstance(self.lm_weight, (int, float)) \
@@ -77,11 +90,19 @@ class FinetuneConfig:
             raise ConfigError(f"lm_weight must be in [0, 100], got {self.lm_weight}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.stage1_steps and not self.stage1_kinds():
+            raise ConfigError("stage1_types must name at least one question type when stage1_steps is set")
+        for name in ("stage1_steps", "vision_pretrain_steps", "freeze_vision_encoder"):
+            if getattr(self, name) and self.task != "vqa":
+                raise ConfigError(f"{name} applies to task vqa only, got task {self.task}")
         from gptlab import prompts
 
         prompts.get(self.prompt_style)
         self.lora_config()  # validates the LoRA settings early
         self.vision_config()
+
+    def stage1_kinds(self) -> set[str]:
+        return {kind.strip() for kind in self.stage1_types.split(",") if kind.strip()}
 
     def vision_config(self) -> VisionConfig:
         from gptlab.vision import VisionConfig

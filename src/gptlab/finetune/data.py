@@ -219,13 +219,15 @@ def load_sft(path: str | Path, tokenizer: Tokenizer, block_size: int, style: Pro
 
 
 def load_vqa(path: str | Path, tokenizer: Tokenizer, block_size: int, style: PromptStyle, vision: VisionConfig,
-             log: Callable[[str], None] = print) -> tuple[list[VQAExample], torch.Tensor]:
+             log: Callable[[str], None] = print) -> tuple[list[VQAExample], torch.Tensor, list[dict[str, str]]]:
     """Encode records with images ({"instruction" with <image> placeholders, "output", "images": [paths
-    relative to the file], "type"?}) and read every image once; returns the examples and the pixel table
-    (images, 3, S, S) as uint8 that their `images` index."""
+    relative to the file], "type"?, "image_labels"?: {attribute: value} of a one-image record's image}) and read
+    every image once; returns the examples, the pixel table (images, 3, S, S) as uint8 that their `images`
+    index, and each image's labels (gptlab.vision.pretrain; what all its records say)."""
     path = Path(path)
     table: dict[Path, int] = {}
     pixels: list[torch.Tensor] = []
+    labels: list[dict[str, str]] = []
     examples, too_long = [], 0
     for where, record in read_jsonl(path):
         messages = sft_messages(record, where)
@@ -241,7 +243,9 @@ def load_vqa(path: str | Path, tokenizer: Tokenizer, block_size: int, style: Pro
                 except ImageError as err:
                     raise DataError(f"{where}: {err}") from None
                 table[file] = len(table)
+                labels.append({})
             rows.append(table[file])
+        _add_image_labels(record, rows, labels, where)
         try:
             prompt = encode_prompt(style.render(messages[:-1]), tokenizer, vision.image_tokens, len(files))
         except GptlabError as err:
@@ -254,7 +258,23 @@ def load_vqa(path: str | Path, tokenizer: Tokenizer, block_size: int, style: Pro
         examples.append(VQAExample(prompt.ids + reply, [False] * len(prompt.ids) + [True] * len(reply), prompt.ids,
                                    messages[-1].content, rows, prompt.image_starts, str(record.get("type", "all"))))
     _report(path, len(examples), {f"longer than the {block_size}-token context (left out)": too_long}, log)
-    return examples, torch.stack(pixels)
+    return examples, torch.stack(pixels), labels
+
+
+def _add_image_labels(record: dict[str, Any], rows: list[int], labels: list[dict[str, str]], where: str) -> None:
+    """Merge a record's `image_labels` into its image's; two records may not give an image different values."""
+    given = record.get("image_labels")
+    if given is None:
+        return
+    if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in given.items()):
+        raise DataError(f"{where}: 'image_labels' must be an object of strings ({{\"color\": \"blue\"}})")
+    if len(rows) != 1:
+        raise DataError(f"{where}: 'image_labels' describe one image, the record has {len(rows)}")
+    known = labels[rows[0]]
+    for key, value in given.items():
+        if known.setdefault(key, value) != value:
+            raise DataError(f"{where}: image_labels {key!r} is {value!r}, another record of this image says "
+                            f"{known[key]!r}")
 
 
 def vqa_batch(examples: list[VQAExample], pixels: torch.Tensor, pad_id: int,

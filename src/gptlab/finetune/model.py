@@ -86,10 +86,16 @@ class FinetuneModel(nn.Module):
     def trainable_names(self, prefix: str = "") -> set[str]:
         return {prefix + name for name, p in self.named_parameters() if p.requires_grad}
 
+    def saved_names(self, prefix: str = "") -> set[str]:
+        """What a partial state holds: the parameters that train, and the whole vision tower (a frozen encoder
+        too: it is in no base checkpoint)."""
+        vision = {f"{prefix}vision.{name}" for name, _ in self.vision.named_parameters()} if self.vision else set()
+        return self.trainable_names(prefix) | vision
+
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
         state = super().state_dict(prefix=prefix, keep_vars=keep_vars)
         if self.partial_state:
-            keep = self.trainable_names(prefix)
+            keep = self.saved_names(prefix)
             state = type(state)((k, v) for k, v in state.items() if k in keep)
         if destination is None:
             return state
@@ -99,7 +105,7 @@ class FinetuneModel(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if not self.partial_state:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        expected = self.trainable_names()
+        expected = self.saved_names()
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if strict and (missing or unexpected):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n"
@@ -134,6 +140,7 @@ def prepare_model(gpt: GPT, cfg: FinetuneConfig, labels: list[str] | None, parti
         model.tag_lstm.requires_grad_(True)
     if model.vision is not None:
         model.vision.requires_grad_(True)
+        model.vision.encoder.requires_grad_(not cfg.freeze_vision_encoder)
     return model
 
 

@@ -18,6 +18,7 @@ from gptlab.finetune.model import fingerprint, prepare_model
 from gptlab.finetune.tasks import classify_task, sft_task, tag_task, vqa_task
 from gptlab.model import GPT
 from gptlab.train import fit, resolve
+from gptlab.vision.pretrain import pretrain_tower
 
 
 def _split_path(data: str, split: str) -> Path:
@@ -55,12 +56,18 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
         train, labels = load_tag(train_path, tokenizer, block, ft.tag_context, log=log)
         val, _ = load_tag(val_path, tokenizer, block, ft.tag_context, labels, log=log)
     elif ft.task == "vqa":
-        (train, train_pixels), (val, val_pixels) = (load_vqa(path, tokenizer, block, style, ft.vision_config(), log)
-                                                    for path in (train_path, val_path))
+        (train, train_pixels, train_labels), (val, val_pixels, val_labels) = (
+            load_vqa(path, tokenizer, block, style, ft.vision_config(), log) for path in (train_path, val_path))
     else:
         train, labels = load_classify(train_path, tokenizer, block, log=log)
         val, _ = load_classify(val_path, tokenizer, block, labels, log=log)
     model = prepare_model(gpt, ft, labels, partial_state=base is not None, tokenizer=tokenizer)
+    if ft.vision_pretrain_steps and not cfg.resume:  # a resumed run's checkpoint holds the pretrained tower
+        if not any(train_labels):
+            raise DataError(f"{train_path}: --vision-pretrain-steps needs records with image_labels (an object "
+                            f"such as {{\"color\": \"blue\", \"shape\": \"circle\"}}: what the image shows)")
+        pretrain_tower(model.vision.to(device), train_pixels, train_labels, ft.vision_pretrain_steps, cfg.batch_size,
+                       cfg.lr, cfg.seed, (val_pixels, val_labels), log)
     trainable, total = lora.count_parameters(model)
     log(f"{ft.task} / {ft.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%); "
         f"device {device}, {cfg.precision}")
@@ -70,7 +77,8 @@ def finetune(cfg: TrainConfig, ft: FinetuneConfig, log: Callable[[str], None] = 
     elif ft.task == "tag":
         task = tag_task(train, val, tokenizer, labels, cfg, block)
     elif ft.task == "vqa":
-        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens)
+        task = vqa_task(train, train_pixels, val, val_pixels, tokenizer, style, cfg, block, ft.max_new_tokens,
+                        ft.stage1_steps, ft.stage1_kinds())
     else:
         task = classify_task(train, val, tokenizer, cfg, block, ft.lm_weight)
     task.extra_state = {"tokenizer": tokenizer.to_dict(),

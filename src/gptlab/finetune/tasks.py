@@ -45,10 +45,20 @@ from gptlab.tokenizer import Tokenizer
 from gptlab.train import Task
 
 
-def _sampler(train: list, cfg: TrainConfig, block_size: int, make_batch: Callable[[list], Any]) -> Callable:
-    """The training loop's sample_batch(step, micro): that micro-batch of the seeded epoch order, as tensors."""
-    sampler = EpochSampler(len(train), cfg, block_size)
-    return lambda step, micro: make_batch([train[i] for i in sampler.indices(step, micro)])
+def _sampler(train: list, cfg: TrainConfig, block_size: int, make_batch: Callable[[list], Any],
+             stage1: tuple[int, list[int]] = (0, [])) -> Callable:
+    """The training loop's sample_batch(step, micro): that micro-batch of the seeded epoch order, as tensors.
+    stage1 (steps, indices): the first `steps` optimizer steps draw from train[indices] alone, in seeded epochs of
+    their own; the whole set's epochs start after them."""
+    steps, subset = stage1
+    first, sampler = EpochSampler(len(subset), cfg, block_size), EpochSampler(len(train), cfg, block_size)
+
+    def sample_batch(step: int, micro: int) -> Any:
+        if step < steps:
+            return make_batch([train[subset[i]] for i in first.indices(step, micro)])
+        return make_batch([train[i] for i in sampler.indices(step - steps, micro)])
+
+    return sample_batch
 
 
 def sft_task(train: list[SFTExample], val: list[SFTExample], tokenizer: Tokenizer, style: PromptStyle,
@@ -102,10 +112,18 @@ def tag_task(train: list[TagExample], val: list[TagExample], tokenizer: Tokenize
 
 
 def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAExample], val_pixels: torch.Tensor,
-             tokenizer: Tokenizer, style: PromptStyle, cfg: TrainConfig, block_size: int, max_new_tokens: int) -> Task:
-    """Visual question answering: the SFT loss on the answers of prompts with images, scored by exact match."""
+             tokenizer: Tokenizer, style: PromptStyle, cfg: TrainConfig, block_size: int, max_new_tokens: int,
+             stage1_steps: int = 0, stage1_kinds: set[str] | frozenset[str] = frozenset()) -> Task:
+    """Visual question answering: the SFT loss on the answers of prompts with images, scored by exact match
+    (overall and per question type). The first stage1_steps steps train on the questions of stage1_kinds alone."""
     pad = tokenizer.eot_id
-    sample_batch = _sampler(train, cfg, block_size, lambda items: vqa_batch(items, train_pixels, pad))
+    subset = [i for i, e in enumerate(train) if e.kind in stage1_kinds] if stage1_steps else []
+    if stage1_steps and not subset:
+        raise DataError(f"no training question has a type in stage1_types ({', '.join(sorted(stage1_kinds))}); "
+                        f"the types are: {', '.join(sorted({e.kind for e in train}))}")
+    sample_batch = _sampler(train, cfg, block_size, lambda items: vqa_batch(items, train_pixels, pad),
+                            (stage1_steps, subset))
+    kinds = [f"accuracy_{kind}" for kind in sorted({e.kind for e in val})]
 
     def loss(model: FinetuneModel, batch) -> torch.Tensor:
         x, y, images = batch
@@ -113,10 +131,10 @@ def vqa_task(train: list[VQAExample], train_pixels: torch.Tensor, val: list[VQAE
 
     def evaluate_vqa(model: FinetuneModel) -> dict[str, float]:
         scores = vqa_scores(model, val, val_pixels, tokenizer, style, max_new_tokens, cfg.batch_size)
-        return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision, val_pixels),
-                "accuracy": scores["accuracy"]}
+        return {"val_loss": response_loss(model, val, pad, cfg.batch_size, cfg.precision, val_pixels), **scores}
 
-    return Task(sample_batch=sample_batch, evaluate=evaluate_vqa, loss=loss, metric_names=("val_loss", "accuracy"))
+    return Task(sample_batch=sample_batch, evaluate=evaluate_vqa, loss=loss,
+                metric_names=("val_loss", "accuracy", *kinds))
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -341,7 +359,7 @@ def eval_task(ckpt: str | Path, data: str | Path, max_items: int | None = None, 
         scores = classification_scores(model, examples, pad, batch_size, precision)
     elif loaded.task == "vqa":
         vision = loaded.vision.config
-        examples, pixels = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
+        examples, pixels, _ = load_vqa(data, tokenizer, block, loaded.prompt_style, vision, log)
         examples = examples[:max_items] if max_items else examples
         # --blank-images blanks the loss's images too: it is the model's loss on the questions alone
         scores = {"loss": response_loss(model, examples, pad, batch_size, precision,
