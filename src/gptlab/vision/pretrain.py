@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from gptlab.vision.encoder import VisionTower
 
@@ -38,10 +39,11 @@ def label_table(labels: list[dict[str, str]], classes: dict[str, list[str]] | No
 def pretrain_tower(tower: VisionTower, pixels: torch.Tensor, labels: list[dict[str, str]], steps: int,
                    batch_size: int, lr: float, seed: int, val: tuple[torch.Tensor, list[dict[str, str]]] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, float]:
-    """Train all of `tower` in place (its parameters' requires_grad are left as they were) for `steps` AdamW steps on random batches of the labelled images of `pixels`
-    ((images, 3, S, S) uint8), one linear head per attribute of `labels` (one dict per image) reading the
-    tower's flattened output, the attributes' cross-entropies summed. Returns the heads' accuracy per attribute
-    on `val` (pixels, labels), `vision_<attribute>`."""
+    """Train all of `tower` in place for `steps` AdamW steps (its parameters' requires_grad are left as they
+    were) on random batches of the labelled images of `pixels` ((images, 3, S, S) uint8), one linear head per
+    attribute of `labels` (one dict per image) reading the tower's flattened output, the attributes'
+    cross-entropies summed. Returns the heads' accuracy per attribute on `val` (pixels, labels),
+    `vision_<attribute>`."""
     classes, table = label_table(labels)
     if not classes:
         raise ValueError("no image has a label to pretrain the vision tower on")
@@ -54,7 +56,7 @@ def pretrain_tower(tower: VisionTower, pixels: torch.Tensor, labels: list[dict[s
     was_training, frozen = tower.training, [p for p in tower.parameters() if not p.requires_grad]
     tower.train()
     tower.requires_grad_(True)  # all of it, an encoder that stays frozen afterwards too
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="vision tower", unit="step", leave=False):
         rows = labelled[torch.randint(len(labelled), (batch_size,), generator=generator)]
         features = tower(pixels[rows].to(device).float() / 255).flatten(1)
         targets = table[rows].to(device)
